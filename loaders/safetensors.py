@@ -1,0 +1,174 @@
+"""safetensors checkpoints, single-file or sharded, read without trusting the header.
+
+The header is parsed and checked here before any tensor is touched: length within
+the file, JSON, known dtypes, shape x dtype equal to the byte span, spans inside
+the data area and not overlapping. A lying header therefore fails with one line
+naming the file and the tensor, and never makes us allocate more than the file
+holds. Tensors are then read through `safetensors.safe_open(framework="numpy")`;
+bfloat16, which NumPy lacks, is read from a memory map as `ml_dtypes.bfloat16`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from loaders.config import read_json
+from loaders.errors import ModelError
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; raises ModelError naming file and tensor."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > MAX_HEADER:
+                raise ModelError(f"{path}: header length {n} is larger than the file ({size} bytes); "
+                                 "the file is truncated or not safetensors")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + n
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _check_entry(path, name, entry, data_start, size)
+    _check_overlaps(path, tensors)
+    return tensors
+
+
+def _check_entry(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise ModelError(f"{path}: tensor {name!r}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise ModelError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                               for d in shape)):
+        raise ModelError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise ModelError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end or data_start + end > size:
+        raise ModelError(f"{path}: tensor {name!r}: data_offsets {offsets} out of range "
+                         f"(data area is {size - data_start} bytes)")
+    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise ModelError(f"{path}: tensor {name!r}: shape {shape} x {dtype} is {expected} bytes "
+                         f"but its span is {end - begin} bytes")
+    return TensorInfo(path, name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
+    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise ModelError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the file")
+
+
+class Checkpoint:
+    """All tensors of a model folder, by checkpoint name, read on demand."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in checkpoint_files(folder):
+            for name, info in read_header(file).items():
+                if name in self.tensors:
+                    raise ModelError(f"{file}: tensor {name!r} is also in {self.tensors[name].file.name}")
+                self.tensors[name] = info
+        self._maps: dict[Path, np.memmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ModelError(f"{self.folder}: tensor {name!r} is missing from the checkpoint") from None
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A tensor as a host array (bfloat16 as float32), its shape checked if given."""
+        info = self.info(name)
+        if shape is not None and info.shape != tuple(shape):
+            raise ModelError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                             f"config.json implies {list(shape)}")
+        if info.dtype == "BF16":
+            return self._mapped(info).astype(np.float32)
+        try:
+            from safetensors import safe_open  # noqa: PLC0415
+
+            with safe_open(str(info.file), framework="numpy") as f:
+                return f.get_tensor(name)
+        except Exception as exc:  # the Rust reader's own error types
+            raise ModelError(f"{info.file}: tensor {name!r}: cannot read ({exc})") from None
+
+    def _mapped(self, info: TensorInfo) -> np.ndarray:
+        if info.file not in self._maps:
+            self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+        raw = self._maps[info.file][info.start:info.end]
+        return raw.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: sharded via the index, or single."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index}: no weight_map")
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            path = folder / str(shard)
+            if path.parent != folder or not path.is_file():
+                raise ModelError(f"{index}: shard {shard!r} is missing from {folder}")
+            files.append(path)
+        return files
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    if any((folder / name).exists() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise ModelError(f"{folder}: only pytorch_model.bin is present; it is a pickle, which this runtime "
+                         "never loads (it can run code). Convert the model to safetensors.")
+    raise ModelError(f"{folder}: no model.safetensors or {INDEX_NAME} found")
