@@ -1,0 +1,26 @@
+"""Architectures, chosen by config.json's `model_type`.
+
+A family that is another's twin maps onto it through ALIASES instead of a copied
+file; anything else is refused with the list of what is supported.
+"""
+
+from __future__ import annotations
+
+from loaders.errors import ModelError
+from models.llama import Llama
+
+ARCHITECTURES = {"llama": Llama}
+ALIASES: dict[str, str] = {}
+
+
+def supported() -> list[str]:
+    return sorted([*ARCHITECTURES, *ALIASES])
+
+
+def architecture(model_type: str | None, source: str = "config.json") -> type:
+    """The model class for a model_type; ModelError naming the supported ones otherwise."""
+    name = ALIASES.get(model_type, model_type)
+    if name not in ARCHITECTURES:
+        raise ModelError(f"{source}: unsupported model_type {model_type!r} "
+                         f"(supported: {', '.join(supported())})")
+    return ARCHITECTURES[name]

@@ -1,0 +1,100 @@
+"""The backend seam: the one place that knows which array library runs the model.
+
+Model code, attention, the KV cache and sampling get an array module `xp` from a
+`Backend` and call only that; `numpy` appears elsewhere only at the host boundary
+(tokens in, logits out). On `device="cpu"` the module is NumPy and compute is
+float32; on `device="cuda"` it is CuPy, with float16 weights and float32
+accumulation by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from loaders.errors import ModelError
+
+DEVICES = ("cpu", "cuda")
+WEIGHT_DTYPES = ("float32", "float16")
+
+
+@dataclass
+class Backend:
+    """An array module plus the dtype policy and host transfer counters."""
+
+    device: str
+    xp: ModuleType
+    dtype: str  # storage dtype of the weights; activations are always float32
+    host_transfers: int = field(default=0)
+
+    @property
+    def weight_dtype(self) -> Any:
+        return self.xp.dtype(self.dtype)
+
+    def asarray(self, host_array: np.ndarray, dtype: Any = None) -> Any:
+        """Upload a host array once (weights, position tables) in the given dtype."""
+        return self.xp.asarray(host_array, dtype=dtype)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Allocate a persistent buffer (cache, scratch); never called per token."""
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """Bring an array back to NumPy; counted, so tests can see round trips."""
+        self.host_transfers += 1
+        if self.xp is np:
+            return array
+        return self.xp.asnumpy(array)
+
+    def to_int(self, scalar: Any) -> int:
+        """Bring one device integer (a token id) to the host."""
+        self.host_transfers += 1
+        return int(scalar)
+
+    def synchronize(self) -> None:
+        if self.xp is not np:
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def array_module(x: Any) -> ModuleType:
+    """The array module an array belongs to, without importing CuPy on the CPU."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy  # noqa: PLC0415
+        return cupy
+    return np
+
+
+def get_backend(device: str = "cpu", dtype: str | None = None) -> Backend:
+    """The backend for a device; `dtype` is the weight dtype (default per device)."""
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if dtype is None:
+        dtype = "float32" if device == "cpu" else "float16"
+    if dtype == "bfloat16":
+        raise ModelError("bfloat16 compute is not supported: use float32 or float16 "
+                         "(bfloat16 checkpoints are converted on load)")
+    if dtype not in WEIGHT_DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
+    if device == "cpu":
+        return Backend("cpu", np, dtype)
+    return Backend("cuda", _import_cupy(), dtype)
+
+
+def _import_cupy() -> ModuleType:
+    try:
+        import cupy  # noqa: PLC0415  (optional extra: only a CUDA run needs it)
+    except ImportError:
+        raise ModelError("--device cuda needs CuPy: pip install '.[gpu]' (cupy-cuda12x)") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CuPy raises its own CUDARuntimeError family here
+        raise ModelError(f"CuPy is installed but no usable CUDA GPU was found ({exc})") from None
+    if count < 1:
+        raise ModelError("CuPy is installed but no CUDA GPU was found")
+    return cupy

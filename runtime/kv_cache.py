@@ -1,0 +1,221 @@
+"""The KV cache: one preallocated ring buffer of keys and values per sequence.
+
+Layout: keys and values of every layer in one array each, shaped
+(layers, kv_heads, capacity, head_dim), allocated once. A token at absolute
+position p lives in slot p while p < n_sink ("attention sinks", never evicted) and
+in slot n_sink + (p - n_sink) % (capacity - n_sink) after that, so once the buffer
+is full each new token overwrites the oldest non-sink token. Keys are stored
+rotated at their absolute positions. Models with a sliding window use the same
+ring with capacity = window and no sinks, which is exactly HF's window mask.
+
+Storage is float32, float16 or int8. int8 keeps one float32 scale per group of
+`INT8_GROUP` channels of each (token, head) vector, symmetric, like llama.cpp's
+q8_0; keys have outlier channels, and a scale per small group keeps them from
+flattening the rest of the vector.
+
+Each forward call goes: `begin(T)` (slots and masks of the T new tokens), for
+every layer `keys_values(layer)` (what is cached, as float32) and `store(layer,
+k, v)`, then `end()`. Attention reads the cache before the chunk is stored,
+so a chunk never overwrites a key one of its own queries still needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loaders.errors import ModelError
+from runtime.backend import Backend
+
+KV_DTYPES = ("float32", "float16", "int8")
+INT8_GROUP = 32
+DEFAULT_SINKS = 4
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The geometry of one cache; `bytes_per_token` is what it costs per position."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    capacity: int
+    kv_dtype: str = "float16"
+    n_sink: int = DEFAULT_SINKS
+
+    @property
+    def int8_group(self) -> int:
+        return INT8_GROUP if self.head_dim % INT8_GROUP == 0 else self.head_dim
+
+    @property
+    def bytes_per_token(self) -> int:
+        values = 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        if self.kv_dtype == "int8":
+            scales = 2 * self.num_layers * self.num_kv_heads * (self.head_dim // self.int8_group)
+            return values + 4 * scales
+        return values * np.dtype(self.kv_dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.bytes_per_token * self.capacity
+
+
+class KVCache:
+    """Keys and values of one sequence for a stack of layers, in a ring buffer."""
+
+    def __init__(self, backend: Backend, spec: CacheSpec) -> None:
+        if spec.kv_dtype not in KV_DTYPES:
+            raise ModelError(f"unknown KV-cache dtype {spec.kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+        if spec.capacity <= spec.n_sink:
+            raise ModelError(f"context of {spec.capacity} tokens is too small for {spec.n_sink} sink tokens")
+        self.backend = backend
+        self.xp = backend.xp
+        self.spec = spec
+        shape = (spec.num_layers, spec.num_kv_heads, spec.capacity, spec.head_dim)
+        store_dtype = self.xp.int8 if spec.kv_dtype == "int8" else self.xp.dtype(spec.kv_dtype)
+        self.k = backend.zeros(shape, store_dtype)
+        self.v = backend.zeros(shape, store_dtype)
+        self.k_scale = self.v_scale = None
+        if spec.kv_dtype == "int8":
+            scale_shape = shape[:-1] + (spec.head_dim // spec.int8_group,)
+            self.k_scale = backend.zeros(scale_shape, self.xp.float32)
+            self.v_scale = backend.zeros(scale_shape, self.xp.float32)
+        # Host-side bookkeeping: positions are known on the host, so reading them
+        # never costs a device round trip.
+        self.slot_pos = np.full(spec.capacity, -1, dtype=np.int64)
+        self.offset = 0  # tokens seen so far = absolute position of the next token
+        self._step: _Step | None = None
+
+    # -- geometry ---------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    @property
+    def n_sink(self) -> int:
+        return self.spec.n_sink
+
+    @property
+    def window(self) -> int:
+        """How many non-sink tokens the ring keeps."""
+        return self.spec.capacity - self.spec.n_sink
+
+    @property
+    def max_chunk(self) -> int:
+        """The largest number of tokens one forward call may add."""
+        return self.window
+
+    @property
+    def length(self) -> int:
+        """How many slots hold a token."""
+        return min(self.offset, self.spec.capacity)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.k, self.v, self.k_scale, self.v_scale]
+        return sum(int(a.nbytes) for a in arrays if a is not None)
+
+    @property
+    def wrapped(self) -> bool:
+        """True once a token has been evicted."""
+        return self.offset > self.spec.capacity
+
+    def slot(self, positions: np.ndarray) -> np.ndarray:
+        s = self.spec.n_sink
+        return np.where(positions < s, positions, s + (positions - s) % self.window)
+
+    # -- one forward call ---------------------------------------------------
+    def begin(self, n_new: int) -> np.ndarray:
+        """Start a forward call of n_new tokens; returns their absolute positions."""
+        if n_new < 1 or n_new > self.max_chunk:
+            raise ValueError(f"a forward call takes 1..{self.max_chunk} tokens, got {n_new}")
+        positions = np.arange(self.offset, self.offset + n_new, dtype=np.int64)
+        n_old = self.length
+        old_pos = self.slot_pos[:n_old]
+        # Old keys a new query must not see: evicted-in-spirit tokens that are
+        # still in a slot because the chunk has not overwritten them yet.
+        hidden = (old_pos[None, :] >= self.spec.n_sink) & (positions[:, None] - old_pos[None, :] >= self.window)
+        mask_old = self.xp.asarray(hidden) if hidden.any() else None
+        slots = self.slot(positions)
+        self._step = _Step(positions, _as_slice(slots), n_old, mask_old)
+        return positions
+
+    def end(self) -> None:
+        step = self._step
+        self.slot_pos[step.slots] = step.positions
+        self.offset += len(step.positions)
+        self._step = None
+
+    @property
+    def old_mask(self) -> Any | None:
+        """(T, n_old) bool, True where an old slot is outside a new query's window."""
+        return self._step.mask_old
+
+    def keys_values(self, layer: int) -> tuple[Any, Any]:
+        """Cached keys and values of a layer before this call, as float32 (kv_heads, n_old, d)."""
+        n = self._step.n_old
+        if self.spec.kv_dtype == "int8":
+            return (self._dequantize(self.k[layer, :, :n], self.k_scale[layer, :, :n]),
+                    self._dequantize(self.v[layer, :, :n], self.v_scale[layer, :, :n]))
+        k, v = self.k[layer, :, :n], self.v[layer, :, :n]
+        if k.dtype != self.xp.float32:
+            return k.astype(self.xp.float32), v.astype(self.xp.float32)
+        return k, v
+
+    def store(self, layer: int, k: Any, v: Any) -> None:
+        """Write this call's keys and values (kv_heads, T, d) into their slots."""
+        slots = self._step.slots
+        if self.spec.kv_dtype == "int8":
+            self.k[layer][:, slots], self.k_scale[layer][:, slots] = self._quantize(k)
+            self.v[layer][:, slots], self.v_scale[layer][:, slots] = self._quantize(v)
+        else:
+            self.k[layer][:, slots] = k
+            self.v[layer][:, slots] = v
+
+    def reset(self) -> None:
+        """Forget the sequence; the buffers stay allocated."""
+        self.slot_pos[:] = -1
+        self.offset = 0
+
+    def truncate(self, n_keep: int) -> None:
+        """Keep only the first n_keep tokens (a chat reusing a common prefix).
+
+        Only possible while nothing has been evicted: afterwards the prefix is gone.
+        """
+        if self.wrapped:
+            raise ValueError("cannot truncate a cache that has wrapped around")
+        n_keep = min(n_keep, self.offset)
+        self.slot_pos[n_keep:] = -1
+        self.offset = n_keep
+
+    # -- int8 ---------------------------------------------------------------
+    def _quantize(self, x: Any) -> tuple[Any, Any]:
+        xp = self.xp
+        g = self.spec.int8_group
+        groups = x.reshape(x.shape[:-1] + (x.shape[-1] // g, g))
+        scale = xp.abs(groups).max(axis=-1) * (1.0 / 127.0)
+        safe = xp.where(scale == 0, 1.0, scale).astype(xp.float32)
+        q = xp.rint(groups / safe[..., None]).astype(xp.int8)
+        return q.reshape(x.shape), scale.astype(xp.float32)
+
+    def _dequantize(self, q: Any, scale: Any) -> Any:
+        g = self.spec.int8_group
+        groups = q.reshape(q.shape[:-1] + (q.shape[-1] // g, g)).astype(self.xp.float32)
+        return (groups * scale[..., None]).reshape(q.shape)
+
+
+def _as_slice(slots: np.ndarray) -> slice | np.ndarray:
+    """A run of consecutive slots as a slice: a view write instead of a scatter."""
+    if slots[-1] - slots[0] == len(slots) - 1:
+        return slice(int(slots[0]), int(slots[-1]) + 1)
+    return slots
+
+
+@dataclass
+class _Step:
+    positions: np.ndarray
+    slots: slice | np.ndarray
+    n_old: int
+    mask_old: Any | None
