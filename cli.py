@@ -1,0 +1,273 @@
+"""Command line: chat, generate, info (and bench, perplexity).
+
+    python cli.py chat                       # talk to the embedded default model
+    python cli.py generate --prompt "What is the capital of France?"
+    python cli.py info --ctx 8192 --kv-dtype int8
+
+Generated text goes to stdout, timings to stderr. A user error ends in one line
+and exit status 2, Ctrl-C in exit status 130; neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from loaders.errors import ModelError
+
+KV_DTYPES = ("float32", "float16", "int8")
+
+
+# -- argument types: bad values are argparse errors (usage line, exit 2) -----------
+def _number(kind: Callable[[str], Any], name: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {name}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid {name}: {text!r}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _number(int, "positive integer", lambda v: v > 0)
+non_negative_int = _number(int, "non-negative integer", lambda v: v >= 0)
+temperature = _number(float, "temperature (>= 0)", lambda v: v >= 0)
+top_p = _number(float, "top-p (in (0, 1])", lambda v: 0 < v <= 1)
+min_p = _number(float, "min-p (in [0, 1))", lambda v: 0 <= v < 1)
+penalty = _number(float, "penalty (> 0)", lambda v: v > 0)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="model folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float16"), help="weight dtype (default: float32 on cpu)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float16", help="KV-cache storage (default float16)")
+    p.add_argument("--ctx", type=positive_int, help="context size in tokens (default: model's, at most 4096)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", "-n", type=non_negative_int, default=max_tokens)
+    p.add_argument("--temperature", "--temp", type=temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--top-p", type=top_p, default=1.0)
+    p.add_argument("--min-p", type=min_p, default=0.0)
+    p.add_argument("--repeat-penalty", type=penalty, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--system", help="system message")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description="A NumPy LLM inference runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="talk with a model (the model's own chat template)")
+    add_model_args(chat)
+    add_sampling_args(chat, max_tokens=512)
+
+    gen = sub.add_parser("generate", help="complete one prompt")
+    add_model_args(gen)
+    add_sampling_args(gen, max_tokens=256)
+    gen.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
+    gen.add_argument("--raw", action="store_true", help="feed the prompt as-is, without the chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+    info = sub.add_parser("info", help="architecture, parameters, weight and KV-cache memory")
+    add_model_args(info)
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------
+def load_model(args: argparse.Namespace) -> Any:
+    import runtime  # noqa: PLC0415  (argparse errors should not wait for NumPy)
+
+    start = time.perf_counter()
+    model = runtime.load(args.model, device=args.device, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                         max_context=args.ctx)
+    log(f"loaded {model.model_type} from {model.folder} in {time.perf_counter() - start:.2f} s "
+        f"(context {model.cache_spec.capacity}, KV cache {model.cache_spec.kv_dtype})")
+    return model
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = load_model(args)
+    for piece in model.stream(prompt, max_tokens=args.max_tokens, raw=args.raw, system=args.system,
+                              ignore_eos=args.ignore_eos, **sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = model.stats
+    log(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tokens/s | "
+        f"decode: {s.generated_tokens} tokens, {s.decode_tps:.1f} tokens/s | "
+        f"first token {s.first_token_seconds:.2f} s | stop: {s.stop_reason}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    c, spec = model.config, model.cache_spec
+    shapes = model.net.expected_shapes(c)
+    params = sum(_prod(s) for s in shapes.values())
+    weight_bytes = params * model.backend.weight_dtype.itemsize
+    cache = model.new_cache()
+    print(f"model:          {model.folder}")
+    print(f"architecture:   {c.model_type} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} heads, {c.num_key_value_heads} KV heads, head_dim {c.head_dim})")
+    print(f"parameters:     {params:,}")
+    print(f"weights:        {weight_bytes:,} bytes ({model.backend.dtype})")
+    print(f"context:        {spec.capacity:,} tokens ({spec.n_sink} sink tokens"
+          + (f", sliding window {c.sliding_window}" if c.sliding_window else "") + ")")
+    print(f"KV cache:       {spec.kv_dtype}, {spec.bytes_per_token:,} bytes per token, "
+          f"{cache.nbytes:,} bytes in total")
+    return 0
+
+
+CHAT_HELP = """commands:
+  /help          this text
+  /reset         clear the conversation and the KV cache
+  /system TEXT   set the system message (clears the conversation)
+  /stats         tokens reused and prefilled for the last turn, speeds, context use
+  /save FILE     save the conversation as JSON messages
+  /load FILE     load a conversation saved with /save
+  /exit          leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
+Ctrl-C while the model answers stops the answer and keeps what it said."""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from runtime.chat import ChatSession  # noqa: PLC0415
+
+    model = load_model(args)
+    session = ChatSession(model, system=args.system, sampling=sampling(args), max_tokens=args.max_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _enable_line_editing()
+        log("type a message, /help for commands, Ctrl-D to leave")
+    else:
+        sys.stdin.reconfigure(errors="replace")  # undecodable bytes must not end the chat
+    interrupts = 0
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+            interrupts = 0
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts >= 2:
+                break
+            log("\n(Ctrl-C again or Ctrl-D to leave)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if not _chat_command(session, text):
+                break
+            continue
+        _chat_turn(session)
+        try:
+            for piece in session.send(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if interactive:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _chat_turn(session: Any) -> None:
+    """Nothing to do before a turn yet; kept as the hook for per-turn display."""
+
+
+def _chat_command(session: Any, text: str) -> bool:
+    """Run a /command; False means leave the chat."""
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name == "/help":
+            print(CHAT_HELP)
+        elif name == "/reset":
+            session.reset()
+            log("conversation cleared")
+        elif name == "/system":
+            session.reset()
+            session.system = arg or None
+            log("system message set; conversation cleared" if arg else "system message removed")
+        elif name == "/stats":
+            print(_stats_text(session))
+        elif name == "/save" and arg:
+            session.save(Path(arg))
+            log(f"saved {len(session.conversation())} messages to {arg}")
+        elif name == "/load" and arg:
+            session.load(Path(arg))
+            log(f"loaded {len(session.conversation())} messages from {arg}")
+        else:
+            log(f"unknown command {text!r}; /help lists them")
+    except (ModelError, OSError) as exc:
+        log(f"error: {exc}")
+    return True
+
+
+def _stats_text(session: Any) -> str:
+    s = session.last
+    cap = session.cache.capacity
+    return (f"last turn: {s.reused_tokens} tokens reused from the cache, {s.prefilled_tokens} prefilled "
+            f"({s.prefill_tps:.1f} tokens/s), {s.generated_tokens} generated ({s.decode_tps:.1f} tokens/s), "
+            f"stop: {s.stop_reason or '-'}\n"
+            f"context: {s.context_used}/{cap} tokens; when full, the oldest whole turns are dropped and the "
+            f"rest is prefilled again (dropped this turn: {s.dropped_turns})")
+
+
+def _enable_line_editing() -> None:
+    try:
+        import readline  # noqa: F401, PLC0415  (input() gains editing and history)
+    except ImportError:
+        pass
+
+
+COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

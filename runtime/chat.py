@@ -1,0 +1,138 @@
+"""A conversation that keeps its tokens in one KV cache across turns.
+
+Each turn renders the whole conversation with the model's chat template,
+compares its token ids with the ids the cache holds, keeps the common prefix and
+prefills only from the first difference: turn N costs the tokens new since turn
+N-1. When the conversation no longer fits the context, the oldest whole turns
+(never the system message) are dropped and the rest is prefilled again; a single
+turn longer than the context rides the ring buffer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from loaders.errors import ModelError
+from runtime.model import Model
+
+
+@dataclass
+class TurnStats:
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    dropped_turns: int = 0
+    context_used: int = 0
+    stop_reason: str = ""
+
+
+@dataclass
+class ChatSession:
+    model: Model
+    system: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        self.messages: list[dict[str, str]] = []
+        self.cache = self.model.new_cache()
+        self.cache_ids: list[int] = []  # the tokens whose keys/values the cache holds
+        self.last = TurnStats()
+
+    # -- conversation state ----------------------------------------------------
+    def reset(self) -> None:
+        self.messages = []
+        self.cache.reset()
+        self.cache_ids = []
+        self.last = TurnStats()
+
+    def conversation(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.conversation(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+    def load(self, path: Path) -> None:
+        try:
+            messages = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: cannot load conversation ({exc})") from None
+        if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                   and isinstance(m.get("content"), str) for m in messages)):
+            raise ModelError(f"{path}: expected a JSON list of {{'role': ..., 'content': ...}} messages")
+        self.reset()
+        if messages and messages[0]["role"] == "system":
+            self.system = messages[0]["content"]
+            messages = messages[1:]
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    # -- one turn --------------------------------------------------------------
+    def send(self, text: str) -> Iterator[str]:
+        """Add a user message and stream the reply; the reply joins the history even if
+        the caller stops early (Ctrl-C)."""
+        self.messages.append({"role": "user", "content": text})
+        ids, dropped = self._fitting_prompt()
+        stats = TurnStats(dropped_turns=dropped)
+        common = self._reuse_prefix(ids)
+        stats.reused_tokens, stats.prefilled_tokens = common, len(ids) - common
+        reply = {"role": "assistant", "content": ""}
+        self.messages.append(reply)
+        decoder = self.model.tokenizer.stream_decoder()
+        generated: list[int] = []
+        try:
+            for token in self.model.tokens(ids[common:], max_tokens=self.max_tokens, cache=self.cache,
+                                           **self.sampling):
+                generated.append(token)
+                piece = decoder.push(token)
+                reply["content"] += piece
+                if piece:
+                    yield piece
+            tail = decoder.flush()
+            reply["content"] += tail
+            if tail:
+                yield tail
+        finally:
+            # only tokens whose forward pass finished are in the cache
+            self.cache_ids = (ids + generated)[:self.cache.offset] if not self.cache.wrapped else []
+            s = self.model.stats
+            stats.generated_tokens = len(generated)
+            stats.prefill_tps, stats.decode_tps = s.prefill_tps, s.decode_tps
+            stats.stop_reason = s.stop_reason or "interrupted"
+            stats.context_used = min(self.cache.offset, self.cache.capacity)
+            self.last = stats
+
+    def _fitting_prompt(self) -> tuple[list[int], int]:
+        """Token ids of the conversation, dropping the oldest turns until it fits."""
+        capacity = self.cache.capacity
+        dropped = 0
+        while True:
+            ids = self.model.tokenizer.encode(self.model.render(self.conversation()), add_special_tokens=False)
+            room = capacity - len(ids)
+            if room >= min(self.max_tokens, capacity // 4) or len(self.messages) <= 1:
+                return ids, dropped
+            # drop the oldest exchange (a user turn and the replies up to the next user turn)
+            cut = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
+            del self.messages[:cut]
+            dropped += 1
+
+    def _reuse_prefix(self, ids: list[int]) -> int:
+        """Keep the cached tokens that the new prompt starts with; returns how many."""
+        if self.cache.wrapped:
+            self.cache.reset()
+            self.cache_ids = []
+        common = 0
+        for a, b in zip(self.cache_ids, ids):
+            if a != b:
+                break
+            common += 1
+        # at least one token must go through the model to give the next logits
+        common = min(common, len(ids) - 1)
+        self.cache.truncate(common)
+        self.cache_ids = self.cache_ids[:common]
+        return common

@@ -1,0 +1,210 @@
+"""`runtime.load()` and the Model it returns: the API programs embed.
+
+    model = runtime.load()                      # the embedded default model
+    print(model.generate("What is the capital of France?", max_tokens=32))
+    for piece in model.stream("Tell me a story", temperature=0.7, seed=1): ...
+    model.logits(ids)                           # (len(ids), vocab) float32 NumPy
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from loaders.chat_template import find_chat_template, generation_end_markers, render_chat_template
+from loaders.config import ModelConfig, read_json
+from loaders.errors import ModelError
+from loaders.resolve import resolve_model
+from loaders.safetensors import Checkpoint
+from loaders.tokenizer import Tokenizer
+from models import architecture
+from runtime.backend import Backend, get_backend
+from runtime.generate import DEFAULT_PREFILL_CHUNK, GenerationStats, decode_tokens, prefill
+from runtime.kv_cache import DEFAULT_SINKS, KV_DTYPES, CacheSpec, KVCache
+from runtime.sampling import Sampler, SamplingParams
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "cpu"
+    dtype: str | None = None
+    kv_dtype: str = "float16"
+    max_context: int | None = None
+    n_sink: int = DEFAULT_SINKS
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+
+def load(model: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str | None = None,
+         kv_dtype: str = "float16", max_context: int | None = None, n_sink: int = DEFAULT_SINKS,
+         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress: bool = True) -> "Model":
+    """Load a model folder, .gguf file, hub id, or (None) the embedded default."""
+    options = LoadOptions(device, dtype, kv_dtype, max_context, n_sink, prefill_chunk)
+    if kv_dtype not in KV_DTYPES:
+        raise ModelError(f"unknown KV-cache dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+    if max_context is not None and max_context < 1:
+        raise ModelError(f"context size must be positive, got {max_context}")
+    if prefill_chunk < 1:
+        raise ModelError(f"prefill chunk must be positive, got {prefill_chunk}")
+    folder = resolve_model(model, progress=progress)
+    backend = get_backend(device, dtype)
+    raw_config = read_json(folder / "config.json")
+    net_class = architecture(raw_config.get("model_type"), str(folder / "config.json"))
+    config = net_class.config_class.from_dict(raw_config, str(folder / "config.json"))
+    checkpoint = Checkpoint(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    spec = cache_spec(config, options)
+    check_memory(checkpoint, net_class.expected_shapes(config), backend, spec)
+    net = net_class.load(config, checkpoint, backend)
+    return Model(folder, config, net, tokenizer, options, spec)
+
+
+def cache_spec(config: ModelConfig, options: LoadOptions) -> CacheSpec:
+    """The cache geometry: max_context slots with sinks, or the model's sliding window."""
+    ctx = options.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    n_sink = options.n_sink
+    window = config.sliding_window
+    if window is not None and window <= ctx:
+        ctx, n_sink = window, 0  # HF's sliding window is exactly a ring without sinks
+    if ctx <= n_sink:
+        raise ModelError(f"context of {ctx} tokens is too small (the cache keeps {n_sink} sink tokens)")
+    return CacheSpec(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                     ctx, options.kv_dtype, n_sink)
+
+
+def check_memory(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], backend: Backend,
+                 spec: CacheSpec) -> None:
+    """Refuse, before allocating, a model plus cache that cannot fit in memory."""
+    weight_bytes = sum(int(np.prod(s)) for s in shapes.values()) * backend.weight_dtype.itemsize
+    need = weight_bytes + spec.nbytes
+    available = available_memory(backend)
+    if available is not None and need > available:
+        raise ModelError(f"not enough memory: weights {weight_bytes / 2**20:,.0f} MiB + KV cache "
+                         f"{spec.nbytes / 2**20:,.0f} MiB ({spec.capacity:,} tokens of {spec.kv_dtype}) "
+                         f"need {need / 2**20:,.0f} MiB, {available / 2**20:,.0f} MiB available; "
+                         "lower --ctx or use --kv-dtype int8")
+
+
+def available_memory(backend: Backend) -> int | None:
+    if backend.device == "cuda":
+        free, _total = backend.xp.cuda.runtime.memGetInfo()
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class Model:
+    """A loaded model with its tokenizer, chat template and generation settings."""
+
+    def __init__(self, folder: Path, config: ModelConfig, net: Any, tokenizer: Tokenizer,
+                 options: LoadOptions, spec: CacheSpec) -> None:
+        self.folder = folder
+        self.config = config
+        self.net = net
+        self.backend = net.backend
+        self.tokenizer = tokenizer
+        self.options = options
+        self.cache_spec = spec
+        self.chat_template = find_chat_template(folder, tokenizer.config)
+        generation = folder / "generation_config.json"
+        self.generation_config = read_json(generation) if generation.is_file() else {}
+        self.stop_ids = self._stop_ids()
+        self.stats = GenerationStats()
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.backend, self.cache_spec)
+
+    # -- prompts --------------------------------------------------------------
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **context: Any) -> str:
+        if not self.chat_template:
+            raise ModelError(f"{self.folder}: the model has no chat template; use raw=True / --raw")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.tokenizer.bos_token or "",
+                                    eos_token=self.tokenizer.eos_token or "", **context)
+
+    def encode_prompt(self, prompt: str | Sequence[int], *, raw: bool = False,
+                      system: str | None = None) -> list[int]:
+        """Token ids for a prompt: a list of ids as-is, a str through the chat template unless raw."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if raw or not self.chat_template:
+            return self.tokenizer.encode(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        # the template writes BOS itself: adding special tokens would double it
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
+
+    # -- running --------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits (len(token_ids), vocab) float32 from one prefill through a fresh cache."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ModelError("logits() needs at least one token")
+        out = prefill(self.net, self.new_cache(), ids, self.options.prefill_chunk, all_logits=True)
+        return self.backend.to_host(out)
+
+    def tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
+               seed: int | None = None, ignore_eos: bool = False, raw: bool = False,
+               system: str | None = None, cache: KVCache | None = None) -> Iterator[int]:
+        """Generated token ids, one at a time (the layer under stream and generate)."""
+        if max_tokens < 0:
+            raise ModelError(f"max_tokens must be >= 0, got {max_tokens}")
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        ids = self.encode_prompt(prompt, raw=raw, system=system)
+        if not ids:
+            raise ModelError("the prompt is empty")
+        cache = cache or self.new_cache()
+        self.stats = GenerationStats()
+        stop = set() if ignore_eos else self.stop_ids
+        return decode_tokens(self.net, cache, ids, Sampler(self.backend.xp, params), max_tokens=max_tokens,
+                             stop_ids=stop, stats=self.stats, prefill_chunk=self.options.prefill_chunk)
+
+    def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
+        """Text pieces as they are decoded (never a broken UTF-8 character)."""
+        decoder = self.tokenizer.stream_decoder()
+        for token in self.tokens(prompt, **kwargs):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
+        """The whole generated text (see `tokens` for the keyword arguments)."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def _stop_ids(self) -> set[int]:
+        ids = set(self.config.eos_ids)
+        eos = self.generation_config.get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        # the template's end-of-turn marker ends a reply even where
+        # generation_config.json forgets to list it
+        for marker in generation_end_markers(self.chat_template or ""):
+            token = self.tokenizer.token_id(marker)
+            if token is not None:
+                ids.add(token)
+        return ids
+
+
+def timed_load(*args: Any, **kwargs: Any) -> tuple[Model, float]:
+    start = time.perf_counter()
+    model = load(*args, **kwargs)
+    return model, time.perf_counter() - start
