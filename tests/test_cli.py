@@ -1,0 +1,90 @@
+"""The command line as a user runs it: output streams, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, needs_default_model
+
+
+def run(*args: str, stdin: str | bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], input=data, capture_output=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def test_missing_path(tmp_path):
+    one_line_error(run("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"), "no such file or folder")
+
+
+def test_folder_without_config(tmp_path):
+    one_line_error(run("generate", "--model", str(tmp_path), "--prompt", "hi"), "no config.json")
+
+
+def test_unknown_model_type_names_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    one_line_error(run("info", "--model", str(tmp_path)), "unsupported model_type 'mamba'", "llama")
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 16, "vocab_size": 10}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled, ever")
+    one_line_error(run("info", "--model", str(tmp_path)), "pickle", "safetensors")
+
+
+def test_hub_id_without_network_or_cache(tmp_path):
+    env_cache = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "generate", "--model", "nobody/no-such-model",
+                             "--prompt", "hi"], capture_output=True, timeout=120, cwd=REPO,
+                            env={**os.environ, **env_cache})
+    one_line_error(result, "nobody/no-such-model", "cache")
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--prompt", "x", "--max-tokens", "-1"],
+    ["generate", "--prompt", "x", "--temperature", "-0.5"],
+    ["generate", "--prompt", "x", "--top-p", "0"],
+    ["generate", "--prompt", "x", "--top-p", "1.5"],
+    ["generate", "--prompt", "x", "--ctx", "0"],
+    ["generate", "--prompt", "x", "--no-such-flag"],
+    ["generate", "--prompt", "x", "--kv-dtype", "int4"],
+])
+def test_bad_flags_exit_2_with_usage(args):
+    result = run(*args)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and err.startswith("usage:") and "Traceback" not in err
+
+
+@needs_default_model
+def test_generate_default_model_stdout_is_only_the_answer():
+    result = run("generate", "--prompt", "What is the capital of France?", "--max-tokens", "20")
+    assert result.returncode == 0, result.stderr.decode()
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert "Paris" in out
+    assert "tokens/s" in err and "tokens/s" not in out
+    assert "loaded" in err
+
+
+@needs_default_model
+def test_generate_raw_and_ignore_eos():
+    result = run("generate", "--raw", "--prompt", "The capital of France is", "--max-tokens", "8", "--ignore-eos")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "decode: 8 tokens" in result.stderr.decode()
