@@ -10,7 +10,8 @@ from loaders.errors import ModelError
 from models.llama import Llama
 
 ARCHITECTURES = {"llama": Llama}
-ALIASES: dict[str, str] = {}
+# Mistral is Llama with a sliding window, which the cache handles.
+ALIASES: dict[str, str] = {"mistral": "llama"}
 
 
 def supported() -> list[str]:

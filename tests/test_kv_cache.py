@@ -1,0 +1,167 @@
+"""The KV cache: ring buffer with sinks, sliding windows, storage dtypes, memory accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import decode_logits, greedy, hf_greedy, hf_logits, load_net, prefill_logits, save_tiny
+from runtime.backend import get_backend
+from runtime.kv_cache import CacheSpec, KVCache
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CONFIG = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+    return save_tiny(model, tmp_path_factory.mktemp("llama")), model
+
+
+def reference_logits(model, ids: list[int], visible, query_pos_for_key) -> np.ndarray:
+    """A plain full-sequence Llama forward in NumPy with an explicit attention pattern.
+
+    visible(i, j): may query i see key j; query_pos_for_key(i, j): the position query i
+    is rotated at when it scores key j (its own position, except for shifted sinks).
+    """
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    c = model.config
+    hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+    inv_freq = 1.0 / (c.rope_parameters["rope_theta"] ** (np.arange(0, d, 2) / d))
+
+    def rope(x, pos):  # x (..., d) at integer position pos
+        ang = np.concatenate([pos * inv_freq, pos * inv_freq])
+        return x * np.cos(ang) + np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1) * np.sin(ang)
+
+    def norm(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_norm_eps) * w
+
+    n = len(ids)
+    h = sd["model.embed_tokens.weight"][ids].astype(np.float64)
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        x = norm(h, sd[p + "input_layernorm.weight"])
+        q = (x @ sd[p + "self_attn.q_proj.weight"].T).reshape(n, hq, d)
+        k = (x @ sd[p + "self_attn.k_proj.weight"].T).reshape(n, hkv, d)
+        v = (x @ sd[p + "self_attn.v_proj.weight"].T).reshape(n, hkv, d)
+        k_rot = np.stack([rope(k[j], j) for j in range(n)])
+        out = np.zeros((n, hq, d))
+        for i in range(n):
+            keys = [j for j in range(n) if j <= i and visible(i, j)]
+            for head in range(hq):
+                kv = head // (hq // hkv)
+                s = np.array([rope(q[i, head], query_pos_for_key(i, j)) @ k_rot[j, kv] for j in keys]) / np.sqrt(d)
+                w = np.exp(s - s.max())
+                out[i, head] = (w / w.sum()) @ v[keys, kv]
+        h = h + out.reshape(n, hq * d) @ sd[p + "self_attn.o_proj.weight"].T
+        x = norm(h, sd[p + "post_attention_layernorm.weight"])
+        g, u = x @ sd[p + "mlp.gate_proj.weight"].T, x @ sd[p + "mlp.up_proj.weight"].T
+        h = h + (g / (1 + np.exp(-g)) * u) @ sd[p + "mlp.down_proj.weight"].T
+    return (norm(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T).astype(np.float32)
+
+
+CAP, SINKS, N = 64, 4, 200
+
+
+def ring_visible(i: int, j: int) -> bool:
+    return j < SINKS or i - j < CAP - SINKS
+
+
+def ids_for(n: int, seed: int = 3) -> list[int]:
+    return np.random.default_rng(seed).integers(0, CONFIG["vocab_size"], n).tolist()
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["absolute", "shifted-sinks"])
+def test_ring_buffer_equals_masked_full_forward(tiny, shift):
+    folder, model = tiny
+    net, spec = load_net(folder, max_context=CAP, n_sink=SINKS)
+    net.shift_sink_positions = shift
+    ids = ids_for(N)
+
+    def query_pos(i: int, j: int) -> int:
+        return min(i, CAP - 1) if shift and j < SINKS else i
+
+    expected = reference_logits(model, ids, ring_visible, query_pos)
+    stepped = decode_logits(net, spec, ids)
+    assert np.abs(stepped - expected).max() <= 1e-4
+    # a prompt longer than the ring, prefilled in chunks, rides it the same way
+    for chunk in (60, 17):
+        assert np.abs(prefill_logits(net, spec, ids, chunk=chunk) - expected).max() <= 1e-4
+
+
+def test_no_wrap_is_plain_causal_attention(tiny):
+    folder, model = tiny
+    net, spec = load_net(folder, max_context=CAP)
+    ids = ids_for(CAP)
+    assert np.abs(decode_logits(net, spec, ids) - hf_logits(model, ids)).max() <= 1e-4
+
+
+def test_sliding_window_matches_hf_mistral(tmp_path):
+    torch.manual_seed(1)
+    config = transformers.MistralConfig(**{**CONFIG, "sliding_window": 16})
+    model = transformers.MistralForCausalLM(config).eval()
+    folder = save_tiny(model, tmp_path / "mistral")
+    net, spec = load_net(folder)
+    assert spec.capacity == 16 and spec.n_sink == 0
+    ids = ids_for(96)
+    expected = hf_logits(model, ids)
+    assert np.abs(decode_logits(net, spec, ids) - expected).max() <= 1e-4
+    assert np.abs(prefill_logits(net, spec, ids, chunk=16) - expected).max() <= 1e-4
+    assert np.abs(prefill_logits(net, spec, ids, chunk=5) - expected).max() <= 1e-4
+    assert greedy(net, spec, ids[:20], 32) == hf_greedy(model, ids[:20], 32)
+
+
+@pytest.mark.parametrize("kv_dtype,tol", [("float16", 2e-3), ("int8", 3e-2)])
+def test_low_precision_caches_stay_close(tiny, kv_dtype, tol):
+    folder, model = tiny
+    net, spec = load_net(folder, kv_dtype=kv_dtype)
+    ids = ids_for(96)
+    expected = hf_logits(model, ids)
+    got = decode_logits(net, spec, ids)
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() <= tol
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16", "int8"])
+def test_nbytes_match_allocated_arrays(kv_dtype):
+    spec = CacheSpec(num_layers=3, num_kv_heads=2, head_dim=64, capacity=100, kv_dtype=kv_dtype)
+    cache = KVCache(get_backend("cpu"), spec)
+    arrays = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if kv_dtype == "int8" else [])
+    assert spec.nbytes == cache.nbytes == sum(a.nbytes for a in arrays)
+    assert spec.bytes_per_token * spec.capacity == spec.nbytes
+
+
+def test_int8_bytes_per_token_at_most_0_3_of_float32():
+    f32 = CacheSpec(30, 3, 64, 4096, "float32").bytes_per_token
+    i8 = CacheSpec(30, 3, 64, 4096, "int8").bytes_per_token
+    assert i8 <= 0.3 * f32
+
+
+def test_int8_round_trip_error_is_bounded():
+    cache = KVCache(get_backend("cpu"), CacheSpec(1, 2, 64, 8, "int8", n_sink=0))
+    x = np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32)
+    x[:, :, 5] *= 20  # an outlier channel, as keys have
+    q, scale = cache._quantize(x)
+    back = cache._dequantize(q, scale)
+    group_max = np.abs(x.reshape(2, 8, 2, 32)).max(-1, keepdims=True)
+    assert np.all(np.abs(back - x).reshape(2, 8, 2, 32) <= group_max / 254 + 1e-7)
+
+
+def test_truncate_and_reset_keep_buffers(tiny):
+    folder, _ = tiny
+    net, spec = load_net(folder, max_context=CAP)
+    cache = KVCache(net.backend, spec)
+    k_buffer = cache.k
+    ids = ids_for(40)
+    full = [net.forward(np.array([t]), cache) for t in ids]
+    cache.truncate(25)
+    again = [net.forward(np.array([t]), cache) for t in ids[25:]]
+    assert np.abs(np.concatenate(again) - np.concatenate(full[25:])).max() <= 1e-5
+    cache.reset()
+    assert cache.offset == 0 and cache.k is k_buffer
