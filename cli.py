@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="feed the prompt as-is, without the chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity style)")
+    add_model_args(ppl)
+    ppl.set_defaults(ctx=512)
+    ppl.add_argument("--file", "-f", required=True, help="a UTF-8 text file")
+    ppl.add_argument("--rolling", action="store_true",
+                     help="one sequence through a --ctx cache (ring buffer past it) instead of windows")
+    ppl.add_argument("--skip", type=non_negative_int, default=0, help="rolling: do not score the first N tokens")
+    ppl.add_argument("--max-tokens-in", type=positive_int, help="use only the first N tokens of the text")
+
     info = sub.add_parser("info", help="architecture, parameters, weight and KV-cache memory")
     add_model_args(info)
     return parser
@@ -111,6 +120,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     log(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tokens/s | "
         f"decode: {s.generated_tokens} tokens, {s.decode_tps:.1f} tokens/s | "
         f"first token {s.first_token_seconds:.2f} s | stop: {s.stop_reason}")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from runtime import perplexity  # noqa: PLC0415
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{args.file}: cannot read as UTF-8 text ({exc})") from None
+    model = load_model(args)
+    ids = model.tokenizer.encode(text)[:args.max_tokens_in]
+    start = time.perf_counter()
+
+    def report(done: int, total: int, ppl: float) -> None:
+        print(f"[{done}/{total}] {ppl:.4f}", file=sys.stderr, flush=True)
+
+    if args.rolling:
+        result = perplexity.rolling(model, ids, skip=args.skip, progress=report)
+    else:
+        result = perplexity.windowed(model, ids, args.ctx, progress=report)
+    seconds = time.perf_counter() - start
+    mode = f"rolling, cache {model.cache_spec.capacity}" if args.rolling else f"windows of {args.ctx}"
+    log(f"{len(ids)} tokens, {result.scored_tokens} scored ({mode}, KV {model.cache_spec.kv_dtype}), "
+        f"{seconds:.1f} s")
+    print(f"perplexity: {result.perplexity:.4f}")
     return 0
 
 
@@ -241,7 +276,7 @@ def _enable_line_editing() -> None:
         pass
 
 
-COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "perplexity": cmd_perplexity}
 
 
 def log(message: str) -> None:
