@@ -25,7 +25,7 @@ def attend(q: Array, k: Array, v: Array, cache: KVCache, layer: int, *, scale: f
 
     Reads the layer's cache as it was before this call, then stores k and v.
     `q_sink`, when given, is q rotated at the positions the sink tokens should
-    see it at (see Model docs on position shifting); it scores the sink slots.
+    see it at (see Llama._sink_rope); it scores the sink slots.
     """
     xp = cache.xp
     n_q, t, d = q.shape
@@ -35,41 +35,54 @@ def attend(q: Array, k: Array, v: Array, cache: KVCache, layer: int, *, scale: f
 
     k_old, v_old = cache.keys_values(layer)
     n_old = k_old.shape[1]
-    scores = xp.empty((n_kv, group * t, n_old + t), dtype=xp.float32)
+    new = qg @ k.transpose(0, 2, 1)  # (Hkv, G*T, T)
+    parts = [new]
     if n_old:
-        xp.matmul(qg, k_old.transpose(0, 2, 1), out=scores[:, :, :n_old])
+        old = cache.scores_buffer(group * t, n_old)
+        xp.matmul(qg, k_old.transpose(0, 2, 1), out=old)
         if q_sink is not None and cache.n_sink:
             s = min(cache.n_sink, n_old)
             qs = (q_sink * scale).reshape(n_kv, group * t, d)
-            xp.matmul(qs, k_old[:, :s].transpose(0, 2, 1), out=scores[:, :, :s])
-    xp.matmul(qg, k.transpose(0, 2, 1), out=scores[:, :, n_old:])
-    if softcap is not None:
-        scores = xp.tanh(scores * (1.0 / softcap)) * softcap
+            old[:, :, :s] = qs @ k_old[:, :s].transpose(0, 2, 1)
+        parts.append(old)
+    for part in parts:
+        if softcap is not None:
+            xp.tanh(part * (1.0 / softcap), out=part)
+            part *= softcap
+    _mask(xp, new, group, t, None)
+    if n_old and cache.old_mask is not None:
+        _mask(xp, parts[1], group, t, cache.old_mask)
+    _joint_softmax(xp, parts)
 
-    scores = scores.reshape(n_kv, group, t, n_old + t)
-    _apply_masks(xp, scores, n_old, t, cache.old_mask)
-    probs = _softmax(xp, scores).reshape(n_kv, group * t, n_old + t)
-
-    out = probs[:, :, n_old:] @ v
+    out = new @ v
     if n_old:
-        out += probs[:, :, :n_old] @ v_old
+        out += parts[1] @ v_old
     cache.store(layer, k, v)
     # (Hkv, G*T, d) -> (Hq, T, d) -> (T, Hq*d)
     return out.reshape(n_q, t, d).transpose(1, 0, 2).reshape(t, n_q * d)
 
 
-def _apply_masks(xp: Any, scores: Array, n_old: int, t: int, old_mask: Array | None) -> None:
-    """Causal mask on this call's own tokens; window mask on old slots if any."""
-    neg_inf = -float("inf")
-    if t > 1:
-        future = xp.triu(xp.ones((t, t), dtype=bool), k=1)
-        scores[..., n_old:][..., future] = neg_inf
-    if old_mask is not None:
-        scores[..., :n_old][..., old_mask] = neg_inf
+def _mask(xp: Any, scores: Array, group: int, t: int, hidden: Array | None) -> None:
+    """-inf where a query may not look: the future of this call's own tokens (hidden
+    None), or the (T, n_old) `hidden` slots of the cache."""
+    if hidden is None:
+        if t == 1:
+            return
+        hidden = xp.triu(xp.ones((t, t), dtype=bool), k=1)
+    view = scores.reshape(scores.shape[0], group, t, scores.shape[-1])
+    view[:, :, hidden] = -float("inf")
 
 
-def _softmax(xp: Any, x: Array) -> Array:
-    x = x - x.max(axis=-1, keepdims=True)
-    xp.exp(x, out=x)
-    x *= 1.0 / x.sum(axis=-1, keepdims=True)
-    return x
+def _joint_softmax(xp: Any, parts: list[Array]) -> None:
+    """Softmax over the last axis of several score blocks as if concatenated, in place."""
+    peak = parts[0].max(axis=-1, keepdims=True)
+    for part in parts[1:]:
+        xp.maximum(peak, part.max(axis=-1, keepdims=True), out=peak)
+    total = xp.zeros_like(peak)
+    for part in parts:
+        part -= peak
+        xp.exp(part, out=part)
+        total += part.sum(axis=-1, keepdims=True)
+    xp.divide(1.0, total, out=total)
+    for part in parts:
+        part *= total

@@ -38,12 +38,16 @@ class Backend:
         """Upload a host array once (weights, position tables) in the given dtype."""
         return self.xp.asarray(host_array, dtype=dtype)
 
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """Allocate a persistent buffer (cache, scratch); never called per token."""
-        return self.xp.empty(shape, dtype=dtype)
-
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        return self.xp.zeros(shape, dtype=dtype)
+        """Allocate a persistent buffer (cache, scratch); never called per token.
+
+        The memory is written here, not just reserved: the OS hands out untouched
+        pages lazily, and a cache whose pages arrive one decode step at a time
+        looks, from outside, like a process whose memory grows with the sequence.
+        """
+        array = self.xp.empty(shape, dtype=dtype)
+        array.fill(0)
+        return array
 
     def to_host(self, array: Any) -> np.ndarray:
         """Bring an array back to NumPy; counted, so tests can see round trips."""

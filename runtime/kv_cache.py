@@ -82,6 +82,14 @@ class KVCache:
             scale_shape = shape[:-1] + (spec.head_dim // spec.int8_group,)
             self.k_scale = backend.zeros(scale_shape, self.xp.float32)
             self.v_scale = backend.zeros(scale_shape, self.xp.float32)
+        # Attention reads float32. A float16 or int8 layer is widened into these
+        # two buffers (one layer at a time, reused by every layer and step), so
+        # reading the cache never allocates memory that grows with the sequence.
+        self._k32 = self._v32 = None
+        if spec.kv_dtype != "float32":
+            self._k32 = backend.zeros(shape[1:], self.xp.float32)
+            self._v32 = backend.zeros(shape[1:], self.xp.float32)
+        self._scores: Any = None
         # Host-side bookkeeping: positions are known on the host, so reading them
         # never costs a device round trip.
         self.slot_pos = np.full(spec.capacity, -1, dtype=np.int64)
@@ -114,7 +122,14 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored keys, values and scales (what `bytes_per_token` counts)."""
         arrays = [self.k, self.v, self.k_scale, self.v_scale]
+        return sum(int(a.nbytes) for a in arrays if a is not None)
+
+    @property
+    def scratch_nbytes(self) -> int:
+        """Bytes of the float32 read buffers, allocated once beside the storage."""
+        arrays = [self._k32, self._v32, self._scores]
         return sum(int(a.nbytes) for a in arrays if a is not None)
 
     @property
@@ -156,13 +171,31 @@ class KVCache:
     def keys_values(self, layer: int) -> tuple[Any, Any]:
         """Cached keys and values of a layer before this call, as float32 (kv_heads, n_old, d)."""
         n = self._step.n_old
-        if self.spec.kv_dtype == "int8":
-            return (self._dequantize(self.k[layer, :, :n], self.k_scale[layer, :, :n]),
-                    self._dequantize(self.v[layer, :, :n], self.v_scale[layer, :, :n]))
         k, v = self.k[layer, :, :n], self.v[layer, :, :n]
-        if k.dtype != self.xp.float32:
-            return k.astype(self.xp.float32), v.astype(self.xp.float32)
-        return k, v
+        if self.spec.kv_dtype == "float32":
+            return k, v
+        k32, v32 = self._k32[:, :n], self._v32[:, :n]
+        if self.spec.kv_dtype == "int8":
+            self._dequantize(k, self.k_scale[layer, :, :n], out=k32)
+            self._dequantize(v, self.v_scale[layer, :, :n], out=v32)
+        else:
+            self.xp.copyto(k32, k)
+            self.xp.copyto(v32, v)
+        return k32, v32
+
+    def scores_buffer(self, rows: int, cols: int) -> Any:
+        """A float32 (kv_heads, rows, cols) array for attention scores.
+
+        Decode steps (few rows) get a view of one buffer made on first use, so a
+        step allocates nothing that grows with the context; prefill chunks,
+        whose score matrices are large and short-lived, get a fresh array.
+        """
+        shape = (self.spec.num_kv_heads, rows, cols)
+        if rows * cols > self.spec.capacity * 16:
+            return self.xp.empty(shape, dtype=self.xp.float32)
+        if self._scores is None:
+            self._scores = self.backend.zeros((self.spec.num_kv_heads * self.spec.capacity * 16,), self.xp.float32)
+        return self._scores[:shape[0] * rows * cols].reshape(shape)
 
     def store(self, layer: int, k: Any, v: Any) -> None:
         """Write this call's keys and values (kv_heads, T, d) into their slots."""
@@ -200,10 +233,13 @@ class KVCache:
         q = xp.rint(groups / safe[..., None]).astype(xp.int8)
         return q.reshape(x.shape), scale.astype(xp.float32)
 
-    def _dequantize(self, q: Any, scale: Any) -> Any:
+    def _dequantize(self, q: Any, scale: Any, out: Any | None = None) -> Any:
         g = self.spec.int8_group
-        groups = q.reshape(q.shape[:-1] + (q.shape[-1] // g, g)).astype(self.xp.float32)
-        return (groups * scale[..., None]).reshape(q.shape)
+        grouped = q.shape[:-1] + (q.shape[-1] // g, g)
+        if out is None:
+            out = self.xp.empty(q.shape, dtype=self.xp.float32)
+        self.xp.multiply(q.reshape(grouped), scale[..., None], out=out.reshape(grouped))
+        return out
 
 
 def _as_slice(slots: np.ndarray) -> slice | np.ndarray:
