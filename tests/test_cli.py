@@ -88,3 +88,35 @@ def test_generate_raw_and_ignore_eos():
     result = run("generate", "--raw", "--prompt", "The capital of France is", "--max-tokens", "8", "--ignore-eos")
     assert result.returncode == 0, result.stderr.decode()
     assert "decode: 8 tokens" in result.stderr.decode()
+
+
+@needs_default_model
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16", "int8"])
+def test_info_reports_what_the_cache_allocates(kv_dtype):
+    import re
+
+    import runtime
+
+    result = run("info", "--ctx", "1000", "--kv-dtype", kv_dtype)
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    per_token, total = map(lambda s: int(s.replace(",", "")),
+                           re.search(r"([\d,]+) bytes per token, ([\d,]+) bytes in total", out).groups())
+    model = runtime.load(kv_dtype=kv_dtype, max_context=1000, progress=False)
+    cache = model.new_cache()
+    arrays = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if kv_dtype == "int8" else [])
+    assert total == sum(a.nbytes for a in arrays) == per_token * 1000
+    assert "parameters:     134,515,008" in out
+    assert "architecture:   llama (30 layers, hidden 576, 9 heads, 3 KV heads, head_dim 64)" in out
+
+
+@needs_default_model
+def test_gguf_file_as_model_and_perplexity_command(tmp_path):
+    from loaders.resolve import default_gguf
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    result = run("perplexity", "--model", str(default_gguf()), "--file", str(text), "--ctx", "64")
+    assert result.returncode == 0, result.stderr.decode()
+    last = result.stdout.decode().strip().splitlines()[-1]
+    assert last.startswith("perplexity: ") and 1.0 < float(last.split()[1]) < 5.0  # a repeated sentence is easy
