@@ -210,7 +210,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not _chat_command(session, text):
                 break
             continue
-        _chat_turn(session)
         try:
             for piece in session.send(text):
                 sys.stdout.write(piece)
@@ -222,10 +221,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         sys.stdout.write("\n")
     return 0
-
-
-def _chat_turn(session: Any) -> None:
-    """Nothing to do before a turn yet; kept as the hook for per-turn display."""
 
 
 def _chat_command(session: Any, text: str) -> bool:

@@ -39,6 +39,10 @@ def main() -> None:
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--ring", type=int, default=256, help="cache capacity for the rolling runs")
+    ap.add_argument("--long-texts", nargs="+", default=[
+        f"/usr/share/common-licenses/{name}" for name in ("GPL-3", "GFDL-1.3", "LGPL-2.1", "GPL-2", "Apache-2.0",
+                                                          "MPL-2.0", "GPL-1")],
+                    help="texts joined into one sequence longer than the model's trained context")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, for a smoke run")
     args = ap.parse_args()
     text = Path(args.text).read_text(encoding="utf-8")
@@ -81,7 +85,19 @@ def main() -> None:
             ring.net.shift_sink_positions = shift
             ppl = timed(lambda: perplexity.rolling(ring, ids[:n], skip=args.ring).perplexity)
             name = f"ring {dt}, {'shifted' if shift else 'absolute'} sinks"
-            print(f"{name:>24}: {ppl:.4f}")
+            print(f"{name:>24}: {ppl:.4f}  [{timed.last:.0f} s]")
+
+    long_text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in args.long_texts)
+    long_ids = models["float32"].tokenizer.encode(long_text)
+    trained = models["float32"].config.max_position_embeddings
+    n = min(len(long_ids), trained + 4096)
+    print(f"\n## 3b. rolling perplexity past the trained context ({trained}): {n} tokens through a "
+          f"{args.ring}-token cache, only tokens after position {trained} scored")
+    for shift in (True, False):
+        ring = runtime.load(kv_dtype="float32", max_context=args.ring, progress=False)
+        ring.net.shift_sink_positions = shift
+        ppl = timed(lambda: perplexity.rolling(ring, long_ids[:n], skip=trained).perplexity)
+        print(f"{'shifted' if shift else 'absolute'} sinks: {ppl:.4f}  [{timed.last:.0f} s]")
 
     print(f"\n## 4. generating {8 * args.ring} tokens through a {args.ring}-token cache")
     for dt in ("float16", "int8"):
