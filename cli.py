@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--skip", type=non_negative_int, default=0, help="rolling: do not score the first N tokens")
     ppl.add_argument("--max-tokens-in", type=positive_int, help="use only the first N tokens of the text")
 
+    bench = sub.add_parser("bench", help="prefill and decode speed (llama-bench style)")
+    add_model_args(bench)
+    bench.add_argument("-p", "--n-prompt", type=non_negative_int, default=512, help="prompt tokens to prefill")
+    bench.add_argument("-n", "--n-gen", type=non_negative_int, default=128, help="tokens to decode")
+    bench.add_argument("-r", "--repetitions", type=positive_int, default=3)
+    bench.add_argument("-d", "--depth", type=non_negative_int, default=0,
+                       help="decode after this many tokens already in the cache")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
     info = sub.add_parser("info", help="architecture, parameters, weight and KV-cache memory")
     add_model_args(info)
     return parser
@@ -146,6 +155,32 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     log(f"{len(ids)} tokens, {result.scored_tokens} scored ({mode}, KV {model.cache_spec.kv_dtype}), "
         f"{seconds:.1f} s")
     print(f"perplexity: {result.perplexity:.4f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from runtime.bench import run_bench  # noqa: PLC0415
+
+    start = time.perf_counter()
+    model = load_model(args)
+    load_s = time.perf_counter() - start
+    result = run_bench(model, args.n_prompt, args.n_gen, args.repetitions, args.depth)
+    result.load_s = load_s
+    summary_row = result.summary()
+    if args.json:
+        print(json.dumps(summary_row))
+        return 0
+    name = f"{model.model_type} {model.backend.dtype} kv={result.kv_dtype} ctx={result.context}"
+    print(f"| model | test | tokens/s | first token s |\n|---|---|---|---|")
+    if args.n_prompt:
+        print(f"| {name} | pp{args.n_prompt} | {summary_row['prefill_tps_mean']:.1f} ± {summary_row['prefill_tps_std']:.1f} "
+              f"| {summary_row['first_token_s_mean']:.3f} |")
+    if args.n_gen:
+        print(f"| {name} | tg{args.n_gen} @ d{args.depth} | {summary_row['decode_tps_mean']:.1f} ± "
+              f"{summary_row['decode_tps_std']:.1f} | |")
+    print(f"load {load_s:.2f} s, peak RSS {result.peak_rss_mb:.0f} MB, {args.repetitions} repetitions")
     return 0
 
 
@@ -271,7 +306,8 @@ def _enable_line_editing() -> None:
         pass
 
 
-COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "perplexity": cmd_perplexity}
+COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "perplexity": cmd_perplexity,
+            "bench": cmd_bench}
 
 
 def log(message: str) -> None:
