@@ -144,13 +144,21 @@ def test_int8_bytes_per_token_at_most_0_3_of_float32():
 
 
 def test_int8_round_trip_error_is_bounded():
-    cache = KVCache(get_backend("cpu"), CacheSpec(1, 2, 64, 8, "int8", n_sink=0))
+    spec = CacheSpec(1, 2, 64, 8, "int8", n_sink=0)
+    cache = KVCache(get_backend("cpu"), spec)
     x = np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32)
     x[:, :, 5] *= 20  # an outlier channel, as keys have
     q, scale = cache._quantize(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float16
     back = cache._dequantize(q, scale)
-    group_max = np.abs(x.reshape(2, 8, 2, 32)).max(-1, keepdims=True)
-    assert np.all(np.abs(back - x).reshape(2, 8, 2, 32) <= group_max / 254 + 1e-7)
+    g = spec.int8_group
+    grouped = (2, 8, 64 // g, g)
+    group_max = np.abs(x.reshape(grouped)).max(-1, keepdims=True)
+    # half a quantization step, the step being max/127 rounded to float16
+    assert np.all(np.abs(back - x).reshape(grouped) <= group_max / 254 * (1 + 2**-10) + 1e-7)
+    # the outlier only coarsens its own group
+    others = np.abs(back - x)[:, :, 16:]
+    assert others.max() <= np.abs(x[:, :, 16:]).max() / 254 * (1 + 2**-10)
 
 
 def test_truncate_and_reset_keep_buffers(tiny):
