@@ -20,7 +20,7 @@ def supported() -> list[str]:
 
 def architecture(model_type: str | None, source: str = "config.json") -> type:
     """The model class for a model_type; ModelError naming the supported ones otherwise."""
-    name = ALIASES.get(model_type, model_type)
+    name = ALIASES.get(model_type, model_type) if isinstance(model_type, str) else None
     if name not in ARCHITECTURES:
         raise ModelError(f"{source}: unsupported model_type {model_type!r} "
                          f"(supported: {', '.join(supported())})")

@@ -70,7 +70,9 @@ def _mask(xp: Any, scores: Array, group: int, t: int, hidden: Array | None) -> N
             return
         hidden = xp.triu(xp.ones((t, t), dtype=bool), k=1)
     view = scores.reshape(scores.shape[0], group, t, scores.shape[-1])
-    view[:, :, hidden] = -float("inf")
+    # copyto(where=) rather than boolean indexing: CuPy sizes a boolean index on
+    # the host, which would make every layer wait for the GPU
+    xp.copyto(view, -float("inf"), where=hidden)
 
 
 def _joint_softmax(xp: Any, parts: list[Array]) -> None:

@@ -59,7 +59,7 @@ class Backend:
     def to_int(self, scalar: Any) -> int:
         """Bring one device integer (a token id) to the host."""
         self.host_transfers += 1
-        return int(scalar)
+        return int(scalar if self.xp is np else self.xp.asnumpy(scalar))
 
     def synchronize(self) -> None:
         if self.xp is not np:
@@ -67,11 +67,20 @@ class Backend:
 
 
 def array_module(x: Any) -> ModuleType:
-    """The array module an array belongs to, without importing CuPy on the CPU."""
-    if type(x).__module__.split(".")[0] == "cupy":
+    """The array module an array belongs to, without importing CuPy on the CPU.
+
+    Arrays of any other library that names its namespace (the array API's
+    `__array_namespace__`, as the tests' host-transfer-checking double does) get
+    that namespace.
+    """
+    package = type(x).__module__.split(".")[0]
+    if package == "numpy":
+        return np
+    if package == "cupy":
         import cupy  # noqa: PLC0415
         return cupy
-    return np
+    namespace = getattr(x, "__array_namespace__", None)
+    return namespace() if namespace is not None else np
 
 
 def get_backend(device: str = "cpu", dtype: str | None = None) -> Backend:
@@ -94,11 +103,18 @@ def _import_cupy() -> ModuleType:
     try:
         import cupy  # noqa: PLC0415  (optional extra: only a CUDA run needs it)
     except ImportError:
-        raise ModelError("--device cuda needs CuPy: pip install '.[gpu]' (cupy-cuda12x)") from None
+        raise ModelError("--device cuda needs CuPy, which is not installed: "
+                         "pip install '.[gpu]' (cupy-cuda12x)") from None
+    except Exception as exc:  # a broken install (CUDA libraries missing) fails in other ways
+        raise ModelError(f"--device cuda needs CuPy, which failed to import ({_one_line(exc)})") from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CuPy raises its own CUDARuntimeError family here
-        raise ModelError(f"CuPy is installed but no usable CUDA GPU was found ({exc})") from None
+        raise ModelError(f"CuPy is installed but no usable CUDA GPU was found ({_one_line(exc)})") from None
     if count < 1:
-        raise ModelError("CuPy is installed but no CUDA GPU was found")
+        raise ModelError("CuPy is installed but no usable CUDA GPU was found (0 devices)")
     return cupy
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

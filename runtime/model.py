@@ -52,8 +52,8 @@ def load(model: str | os.PathLike | None = None, *, device: str = "cpu", dtype: 
         raise ModelError(f"context size must be positive, got {max_context}")
     if prefill_chunk < 1:
         raise ModelError(f"prefill chunk must be positive, got {prefill_chunk}")
+    backend = get_backend(device, dtype)  # first: a missing GPU should not wait for a conversion
     folder = resolve_model(model, progress=progress)
-    backend = get_backend(device, dtype)
     raw_config = read_json(folder / "config.json")
     net_class = architecture(raw_config.get("model_type"), str(folder / "config.json"))
     config = net_class.config_class.from_dict(raw_config, str(folder / "config.json"))

@@ -58,7 +58,8 @@ class Sampler:
 
     def draw(self, logits: Array) -> Array:
         xp, p = self.xp, self.params
-        order = xp.argsort(-logits)
+        # stable, as CuPy's argsort always is: tied logits rank alike on both devices
+        order = xp.argsort(-logits, kind="stable")
         if p.top_k:
             order = order[:p.top_k]
         probs = softmax(xp, logits[order])
