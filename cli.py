@@ -11,6 +11,7 @@ and exit status 2, Ctrl-C in exit status 130; neither prints a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def _number(kind: Callable[[str], Any], name: str, ok: Callable[[Any], bool]) ->
 
 positive_int = _number(int, "positive integer", lambda v: v > 0)
 non_negative_int = _number(int, "non-negative integer", lambda v: v >= 0)
-temperature = _number(float, "temperature (>= 0)", lambda v: v >= 0)
+temperature = _number(float, "temperature (>= 0)", lambda v: 0 <= v < math.inf)
 top_p = _number(float, "top-p (in (0, 1])", lambda v: 0 < v <= 1)
 min_p = _number(float, "min-p (in [0, 1))", lambda v: 0 <= v < 1)
 penalty = _number(float, "penalty (> 0)", lambda v: v > 0)
@@ -58,7 +59,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-p", type=top_p, default=1.0)
     p.add_argument("--min-p", type=min_p, default=0.0)
     p.add_argument("--repeat-penalty", type=penalty, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--system", help="system message")
 
 
@@ -321,7 +322,25 @@ def _prod(shape: tuple[int, ...]) -> int:
     return n
 
 
+class _Interrupts:
+    """SIGINT raises KeyboardInterrupt as usual, and remembers that it came.
+
+    A Ctrl-C that lands inside an extension's import (NumPy's, say) surfaces as
+    an ImportError; knowing a SIGINT arrived lets main() still exit with 130.
+    """
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal  # noqa: PLC0415
+
+    signal.signal(signal.SIGINT, _Interrupts.handler)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -333,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:
+        if _Interrupts.seen:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,15 @@ from typing import Any
 from loaders.errors import ModelError
 
 ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_KEYS = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+          "max_position_embeddings")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
+# Far above any real model, low enough that shape products stay within int64 and that a
+# config cannot make us build millions of layer entries before the checkpoint is looked at.
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 65536
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise ModelError(f"{source}: expected a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names}
         if "torch_dtype" not in values and isinstance(raw.get("dtype"), str):
@@ -53,7 +65,11 @@ class ModelConfig:
         missing = [k for k in required if values.get(k) is None]
         if missing:
             raise ModelError(f"{source}: missing required key(s): {', '.join(missing)}")
-        _normalize_rope(values)
+        # the sizes first, so that the derived defaults below only ever divide positive integers
+        for key in (*_SIZES, *_OPTIONAL_SIZES):
+            if values.get(key) is not None:
+                _check_size(key, values[key], source)
+        _normalize_rope(values, source)
         if values.get("num_key_value_heads") is None:
             values["num_key_value_heads"] = values["num_attention_heads"]
         if values.get("head_dim") is None:
@@ -64,41 +80,102 @@ class ModelConfig:
         return config
 
     def validate(self, source: str) -> None:
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "vocab_size", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelError(f"{source}: {key} must be a positive integer, got {value!r}")
+        """Every field's type and range; a ModelError naming `source` and the key otherwise."""
+        if not isinstance(self.model_type, str):
+            raise ModelError(f"{source}: model_type must be a string, got {_short(self.model_type)}")
+        for key in (*_SIZES, *_OPTIONAL_SIZES):
+            _check_size(key, getattr(self, key), source)
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            if getattr(self, key) * self.head_dim > MAX_SIZE:
+                raise ModelError(f"{source}: {key} x head_dim = {getattr(self, key) * self.head_dim:,} "
+                                 f"is implausibly large (limit {MAX_SIZE:,})")
         _divide(self.num_attention_heads, self.num_key_value_heads,
                 "num_attention_heads", "num_key_value_heads", source)
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ModelError(f"{source}: sliding_window must be positive, got {self.sliding_window!r}")
-        if self.rope_theta <= 0:
-            raise ModelError(f"{source}: rope_theta must be positive, got {self.rope_theta!r}")
+        if self.sliding_window is not None:
+            _check_size("sliding_window", self.sliding_window, source)
+        _check_number("rope_theta", self.rope_theta, source, positive=True)
+        _check_number("rms_norm_eps", self.rms_norm_eps, source, positive=False)
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise ModelError(f"{source}: {key} must be true or false, got {_short(getattr(self, key))}")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            ids = value if isinstance(value, list) else [] if value is None else [value]
+            if not all(_is_int(i) for i in ids):
+                raise ModelError(f"{source}: {key} must be a token id or a list of token ids, "
+                                 f"got {_short(value)}")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise ModelError(f"{source}: torch_dtype must be a string, got {_short(self.torch_dtype)}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in ROPE_TYPES:
-                raise ModelError(f"{source}: unsupported rope_scaling type {kind!r} "
-                                 f"(supported: {', '.join(ROPE_TYPES)})")
+            _check_rope_scaling(self.rope_scaling, "rope_scaling", source)
 
     @property
     def eos_ids(self) -> list[int]:
         return _as_list(self.eos_token_id)
 
 
-def _normalize_rope(values: dict[str, Any]) -> None:
+def _normalize_rope(values: dict[str, Any], source: str) -> None:
     # transformers 5 writes rope_parameters = {rope_theta, rope_type, factor, ...};
     # older configs write rope_theta and rope_scaling. The model reads the latter.
     params = values.get("rope_parameters")
-    if not isinstance(params, dict) or "rope_theta" not in params:
+    if params is not None and not isinstance(params, dict):
+        raise ModelError(f"{source}: rope_parameters must be an object, got {_short(params)}")
+    if not params or "rope_theta" not in params:
         return
     values["rope_theta"] = params["rope_theta"]
-    if params.get("rope_type", "default") != "default" and not values.get("rope_scaling"):
+    if _rope_type(params, "rope_parameters", source) != "default" and not values.get("rope_scaling"):
         values["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
 
 
+def _rope_type(scaling: Any, key: str, source: str) -> str:
+    if not isinstance(scaling, dict):
+        raise ModelError(f"{source}: {key} must be an object, got {_short(scaling)}")
+    field = "rope_type" if "rope_type" in scaling else "type"
+    kind = scaling.get(field, "default")
+    if kind not in ROPE_TYPES:  # a list or a dict is simply not in the tuple
+        raise ModelError(f"{source}: unsupported {key} type {_short(kind)} "
+                         f"(key '{key}.{field}'; supported: {', '.join(ROPE_TYPES)})")
+    return kind
+
+
+def _check_rope_scaling(scaling: Any, key: str, source: str) -> None:
+    """The parameters the rotary embedding reads: present, numbers, and sane."""
+    kind = _rope_type(scaling, key, source)
+    for name in _ROPE_KEYS[kind]:
+        if name not in scaling:
+            raise ModelError(f"{source}: {key} of type {kind!r} needs '{name}'")
+        _check_number(f"{key}.{name}", scaling[name], source, positive=True)
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ModelError(f"{source}: {key}.high_freq_factor ({scaling['high_freq_factor']!r}) must be greater "
+                         f"than {key}.low_freq_factor ({scaling['low_freq_factor']!r})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_size(key: str, value: Any, source: str) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ModelError(f"{source}: {key} must be a positive integer, got {_short(value)}")
+    limit = MAX_LAYERS if key == "num_hidden_layers" else MAX_SIZE
+    if value > limit:
+        raise ModelError(f"{source}: {key} = {value:,} is implausibly large (limit {limit:,})")
+
+
+def _check_number(key: str, value: Any, source: str, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        what = "a positive number" if positive else "a non-negative number"
+        raise ModelError(f"{source}: {key} must be {what}, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _divide(a: int, b: int, name_a: str, name_b: str, source: str) -> int:
-    if not isinstance(b, int) or b <= 0 or not isinstance(a, int) or a % b:
+    if a % b:  # both already checked to be positive integers
         raise ModelError(f"{source}: {name_a}={a!r} is not divisible by {name_b}={b!r}")
     return a // b
 
@@ -115,8 +192,14 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not a readable JSON file ({exc})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not a readable JSON file (not UTF-8)") from None
+    except RecursionError:
+        raise ModelError(f"{path}: not a readable JSON file (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or a number with thousands of digits
+        raise ModelError(f"{path}: not a readable JSON file ({_short(' '.join(str(exc).split()), 200)})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return data

@@ -16,6 +16,7 @@ Three llama.cpp conventions have to be undone:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from gguf.gguf_reader import READER_SUPPORTED_VERSIONS, ReaderTensor
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from loaders.config import MAX_LAYERS, MAX_SIZE, ModelConfig
 from loaders.errors import ModelError
 
 __all__ = ["GGUFModel", "read_gguf", "convert_gguf_to_hf", "SUPPORTED_ARCHITECTURES"]
@@ -146,14 +148,34 @@ class _CheckedReader(GGUFReader):
         return offs, fields
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() cut to one short line: strings in a hostile file can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(name: str) -> str:
+    """A tensor name as written in messages: as is when it is a plain short name, else quoted and cut."""
+    return name if name.isprintable() and len(name) <= 120 else _short(name)
+
+
+def _detail(e: BaseException) -> str:
+    """An exception's text on one line of bounded length."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else f"{text[:200]}..."
+
+
 def _check_preamble(path: Path) -> None:
     """Magic and version, checked by hand so the message says which one is wrong."""
     if path.is_dir():
         raise ModelError(f"{path}: is a folder, not a GGUF file")
     if not path.is_file():
         raise ModelError(f"{path}: no such GGUF file")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
     if head[:4] != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
     if len(head) < 8:
@@ -191,7 +213,7 @@ def _open_reader(path: Path) -> GGUFReader:
         size = path.stat().st_size
         if e.in_tensor_data:
             name = _tensor_field_name(reader, offset=e.offset)
-            what = f"tensor {name}" if name else "tensor data"
+            what = f"tensor {_shown(name)}" if name else "tensor data"
             raise ModelError(f"{path}: truncated GGUF: {what} needs bytes up to {e.end}, the file has {size}") from None
         raise ModelError(f"{path}: truncated GGUF header (file has {size} bytes)") from None
     except ValueError as e:
@@ -199,12 +221,11 @@ def _open_reader(path: Path) -> GGUFReader:
             m = re.search(r"(\d+)\)? is not a valid", str(e))  # "np.uint32(250) is not a valid ..."
             type_id = m.group(1) if m else "?"
             name = _tensor_field_name(reader, bad_type=True)
-            where = f" for tensor {name}" if name else ""
+            where = f" for tensor {_shown(name)}" if name else ""
             raise ModelError(f"{path}: unsupported tensor type id {type_id}{where} (unknown to gguf-py)") from None
-        raise ModelError(f"{path}: corrupt GGUF file ({' '.join(str(e).split())})") from None
+        raise ModelError(f"{path}: corrupt GGUF file ({_detail(e)})") from None
     except Exception as e:  # anything else the parser trips on is still the file's fault
-        detail = " ".join(f"{type(e).__name__}: {e}".split())
-        raise ModelError(f"{path}: corrupt GGUF file ({detail})") from None
+        raise ModelError(f"{path}: corrupt GGUF file ({type(e).__name__}: {_detail(e)})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +248,12 @@ class _Meta:
             if default is _REQUIRED:
                 raise ModelError(f"{self.path}: missing required GGUF metadata key {key!r}")
             return default
-        value = f.contents()
+        try:
+            value = f.contents()
+        except UnicodeDecodeError:
+            raise ModelError(f"{self.path}: metadata key {key!r} holds a string that is not valid UTF-8") from None
+        except Exception as e:  # gguf-py's parts layout of a damaged field
+            raise ModelError(f"{self.path}: metadata key {key!r} is corrupt ({type(e).__name__})") from None
         if f.types and f.types[0] == GGUFValueType.FLOAT32 and isinstance(value, float):
             # stored as float32: keep the short decimal the source config had (1e-05, not 9.99e-06)
             value = float(str(np.float32(value)))
@@ -257,10 +283,24 @@ class _Meta:
     def get_bool(self, key: str, default: Any = _REQUIRED) -> Any:
         return self._typed(key, default, (bool,), "a boolean")
 
-    def get_list(self, key: str, default: Any = _REQUIRED) -> Any:
+    def get_list(self, key: str, default: Any = _REQUIRED, of: type | None = None) -> Any:
         value = self.raw(key, default)
-        if value is not default and not isinstance(value, list):
+        if value is default:
+            return value
+        if not isinstance(value, list):
             raise ModelError(f"{self.path}: metadata key {key!r} should be an array")
+        if of is not None and not all(isinstance(v, of) and not (of is int and isinstance(v, bool))
+                                      for v in value):
+            raise ModelError(f"{self.path}: metadata key {key!r} should be an array of "
+                             f"{'strings' if of is str else 'integers'}")
+        return value
+
+    def get_size(self, key: str, default: Any = _REQUIRED, limit: int = MAX_SIZE) -> Any:
+        """A positive integer no larger than `limit` (sizes a hostile file could make absurd)."""
+        value = self.get_int(key, default)
+        if value is not default and value is not None and not 0 < value <= limit:
+            raise ModelError(f"{self.path}: metadata key {key!r} = {value} is not a valid size "
+                             f"(expected 1 to {limit:,})")
         return value
 
 
@@ -286,7 +326,7 @@ def _rope_scaling(meta: _Meta, arch: str) -> dict[str, Any] | None:
             if value is not None:
                 scaling[hf_key] = value
         return scaling
-    raise ModelError(f"{meta.path}: unsupported RoPE scaling type {kind!r} (key '{arch}.rope.scaling.type')")
+    raise ModelError(f"{meta.path}: unsupported RoPE scaling type {_short(kind)} (key '{arch}.rope.scaling.type')")
 
 
 def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, path: Path) -> dict[str, Any]:
@@ -295,6 +335,8 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, path:
     The tensor only holds the result, so assume Meta's published constants (every Llama 3.1-3.3
     release uses them) and check they reproduce it exactly, rather than guess silently.
     """
+    if factors.size == 0 or not np.isfinite(factors).all() or factors.max() <= 0:
+        raise ModelError(f"{path}: tensor {_ROPE_FREQS} is not Llama-3 RoPE scaling, so it has no HF config equivalent")
     factor, low, high, original = float(factors.max()), 1.0, 4.0, 8192
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / inv_freq
@@ -362,9 +404,9 @@ def _plan_tensors(reader: GGUFReader, meta: _Meta, arch: _Arch, config: dict[str
             continue  # folded into config["rope_scaling"]
         hf_name = _hf_tensor_name(t.name)
         if hf_name is None:
-            raise ModelError(f"{path}: tensor {t.name} has no Hugging Face equivalent in a {arch.model_type!r} model")
+            raise ModelError(f"{path}: tensor {_shown(t.name)} has no Hugging Face equivalent in a {arch.model_type!r} model")
         if t.tensor_type not in _SUPPORTED_TYPES:
-            raise ModelError(f"{path}: tensor {t.name} has unsupported tensor type {t.tensor_type.name}")
+            raise ModelError(f"{path}: tensor {_shown(t.name)} has unsupported tensor type {t.tensor_type.name}")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         heads = None
         if arch.permuted_qk and ".attn_q." in t.name:
@@ -372,20 +414,19 @@ def _plan_tensors(reader: GGUFReader, meta: _Meta, arch: _Arch, config: dict[str
         elif arch.permuted_qk and ".attn_k." in t.name:
             heads = config["num_key_value_heads"]
         if heads is not None and shape[0] % (2 * heads) != 0:
-            raise ModelError(f"{path}: tensor {t.name} has {shape[0]} rows, not a multiple of 2 x {heads} heads")
+            raise ModelError(f"{path}: tensor {_shown(t.name)} has {shape[0]} rows, not a multiple of 2 x {heads} heads")
         plans.append(_TensorPlan(hf_name, shape, t, heads))
 
     names = {p.tensor.name for p in plans}
-    required = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{k}.weight" for i in range(config["num_hidden_layers"]) for k in _BLOCK_TENSORS
-    ]
-    for name in required:
+    required = itertools.chain(["token_embd.weight", "output_norm.weight"], (
+        f"blk.{i}.{k}.weight" for i in range(config["num_hidden_layers"]) for k in _BLOCK_TENSORS))
+    for name in required:  # a generator: stops at the first gap whatever block_count claims
         if name not in names:
             raise ModelError(f"{path}: missing tensor {name}")
     for p in plans:
         expected = _expected_shape(p.hf_name, config)
         if p.shape != expected:
-            raise ModelError(f"{path}: tensor {p.tensor.name} has shape {p.shape}, but the metadata implies {expected}")
+            raise ModelError(f"{path}: tensor {_shown(p.tensor.name)} has shape {p.shape}, but the metadata implies {expected}")
     return plans
 
 
@@ -467,26 +508,26 @@ def _build_tokenizer(meta: _Meta, tokenizer_config: dict[str, Any]) -> Tokenizer
         try:
             return Tokenizer.from_str(embedded)
         except Exception as e:
-            raise ModelError(f"{path}: metadata key 'tokenizer.huggingface.json' is not a tokenizer ({e})") from None
+            raise ModelError(f"{path}: metadata key 'tokenizer.huggingface.json' is not a tokenizer ({_detail(e)})") from None
 
     kind = meta.get_str("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ModelError(f"{path}: unsupported tokenizer model {kind!r} "
+        raise ModelError(f"{path}: unsupported tokenizer model {_short(kind)} "
                          "(key 'tokenizer.ggml.model'; supported: 'gpt2')")
     pre_name = meta.get_str("tokenizer.ggml.pre", "default")
     pre = _PRE_TOKENIZERS.get(pre_name)
     if pre is None:
         supported = ", ".join(_PRE_TOKENIZERS)
-        raise ModelError(f"{path}: unsupported pre-tokenizer {pre_name!r} "
+        raise ModelError(f"{path}: unsupported pre-tokenizer {_short(pre_name)} "
                          f"(key 'tokenizer.ggml.pre'; supported: {supported})")
 
-    tokens: list[str] = meta.get_list("tokenizer.ggml.tokens")
-    types: list[int] = meta.get_list("tokenizer.ggml.token_type", [1] * len(tokens))
+    tokens: list[str] = meta.get_list("tokenizer.ggml.tokens", of=str)
+    types: list[int] = meta.get_list("tokenizer.ggml.token_type", [1] * len(tokens), of=int)
     merges = []
-    for m in meta.get_list("tokenizer.ggml.merges"):
+    for m in meta.get_list("tokenizer.ggml.merges", of=str):
         left, sep, right = m.partition(" ")
         if not sep:
-            raise ModelError(f"{path}: malformed merge {m!r} in 'tokenizer.ggml.merges'")
+            raise ModelError(f"{path}: malformed merge {_short(m)} in 'tokenizer.ggml.merges'")
         merges.append((left, right))
     vocab: dict[str, int] = {}
     for i, token in enumerate(tokens):
@@ -496,19 +537,22 @@ def _build_tokenizer(meta: _Meta, tokenizer_config: dict[str, Any]) -> Tokenizer
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
                                    ignore_merges=pre.ignore_merges))
     except Exception as e:
-        raise ModelError(f"{path}: cannot build a BPE tokenizer from 'tokenizer.ggml.tokens'/'merges' ({e})") from None
+        raise ModelError(f"{path}: cannot build a BPE tokenizer from 'tokenizer.ggml.tokens'/'merges' ({_detail(e)})") from None
     if pre.nfc:
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre.build()
     tok.decoder = decoders.ByteLevel()
 
-    # llama.cpp marks special tokens CONTROL and other added tokens USER_DEFINED; both are matched
-    # whole in raw text, as HF's added_tokens are.
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)])
-    tok.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
-    tok.post_processor = _post_processor(tok, tokenizer_config)
+    try:
+        # llama.cpp marks special tokens CONTROL and other added tokens USER_DEFINED; both are matched
+        # whole in raw text, as HF's added_tokens are.
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)])
+        tok.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+        tok.post_processor = _post_processor(tok, tokenizer_config)
+    except Exception as e:  # the Rust library's errors: a special token it cannot use
+        raise ModelError(f"{path}: cannot build the tokenizer from 'tokenizer.ggml.*' ({_detail(e)})") from None
     return tok
 
 
@@ -572,26 +616,27 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     arch = _ARCHS.get(arch_name)
     if arch is None:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        raise ModelError(f"{path}: unsupported architecture {arch_name!r} (supported: {supported})")
+        raise ModelError(f"{path}: unsupported architecture {_short(arch_name)} (supported: {supported})")
 
     config = _build_config(reader, meta, arch_name, arch)
     tokenizer_config, generation_config = _build_tokenizer_configs(meta, config)
     plans = _plan_tensors(reader, meta, arch, config)
+    ModelConfig.from_dict(config, source=f"{path} (metadata as config.json)")  # eps, theta, ... as load() will
     return GGUFModel(path, config, tokenizer_config, generation_config, reader, meta, plans)
 
 
 def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[str, Any]:
-    hidden = meta.get_int(f"{a}.embedding_length")
-    heads = meta.get_int(f"{a}.attention.head_count")
-    head_dim = meta.get_int(f"{a}.attention.key_length", None)
+    hidden = meta.get_size(f"{a}.embedding_length")
+    heads = meta.get_size(f"{a}.attention.head_count")
+    head_dim = meta.get_size(f"{a}.attention.key_length", None)
     if head_dim is None:  # absent unless it differs from hidden / heads
-        if heads <= 0 or hidden % heads:
+        if hidden % heads:
             raise ModelError(f"{meta.path}: '{a}.attention.head_count' = {heads} "
                              f"does not divide the hidden size {hidden}")
         head_dim = hidden // heads
     theta = meta.get_float(f"{a}.rope.freq_base", 10000.0)  # llama.cpp's default when absent
     tensor_names = {t.name for t in reader.tensors}
-    tokens = meta.raw("tokenizer.ggml.tokens", None)
+    tokens = meta.get_list("tokenizer.ggml.tokens", None, of=str)
     # HF's vocab_size is the embedding's row count, which can exceed the real token count (Qwen pads it)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = int(embd.shape[-1]) if embd is not None else meta.get_int(f"{a}.vocab_size", None)
@@ -602,15 +647,15 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
         "architectures": [arch.hf_class],
         "model_type": arch.model_type,
         "hidden_size": hidden,
-        "intermediate_size": meta.get_int(f"{a}.feed_forward_length"),
-        "num_hidden_layers": meta.get_int(f"{a}.block_count"),
+        "intermediate_size": meta.get_size(f"{a}.feed_forward_length"),
+        "num_hidden_layers": meta.get_size(f"{a}.block_count", limit=MAX_LAYERS),
         "num_attention_heads": heads,
-        "num_key_value_heads": meta.get_int(f"{a}.attention.head_count_kv", heads),
+        "num_key_value_heads": meta.get_size(f"{a}.attention.head_count_kv", heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": meta.get_float(f"{a}.attention.layer_norm_rms_epsilon"),
         "rope_theta": theta,
-        "max_position_embeddings": meta.get_int(f"{a}.context_length"),
+        "max_position_embeddings": meta.get_size(f"{a}.context_length"),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "torch_dtype": "float32",
@@ -622,7 +667,7 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
     else:
         config["use_sliding_window"] = False
     kv_heads = config["num_key_value_heads"]
-    if kv_heads <= 0 or heads % kv_heads:
+    if heads % kv_heads:
         raise ModelError(f"{meta.path}: '{a}.attention.head_count_kv' = {kv_heads} does not divide {heads} heads")
 
     scaling = _rope_scaling(meta, a)
@@ -642,7 +687,7 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
 
 
 def _build_tokenizer_configs(meta: _Meta, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    tokens = meta.raw("tokenizer.ggml.tokens", None) or []
+    tokens = meta.get_list("tokenizer.ggml.tokens", None, of=str) or []
     n = len(tokens)
 
     def token(key: str) -> str | None:

@@ -11,6 +11,7 @@ bfloat16, which NumPy lacks, is read from a memory map as `ml_dtypes.bfloat16`.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+MAX_NDIM = 32  # NumPy 1.x's limit (2.x allows 64)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -57,9 +59,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raw = f.read(n)
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) < n:  # the file shrank since stat()
+        raise ModelError(f"{path}: truncated safetensors header ({len(raw)} of {n} bytes)")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep, a 5000-digit number
         raise ModelError(f"{path}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: safetensors header is not a JSON object")
@@ -67,40 +71,60 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if entry is not None and not (isinstance(entry, dict)
+                                          and all(isinstance(v, str) for v in entry.values())):
+                raise ModelError(f"{path}: safetensors __metadata__ is not an object of strings")
             continue
         tensors[name] = _check_entry(path, name, entry, data_start, size)
     _check_overlaps(path, tensors)
     return tensors
 
 
-def _check_entry(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+def _check_entry(path: Path, key: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    name = _Name(key)
     if not isinstance(entry, dict):
         raise ModelError(f"{path}: tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise ModelError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                               for d in shape)):
-        raise ModelError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ModelError(f"{path}: tensor {name!r}: unknown dtype {_short(dtype)} "
+                         f"(supported: {', '.join(DTYPES)})")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape)):
+        raise ModelError(f"{path}: tensor {name!r}: bad shape {_short(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise ModelError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
+        raise ModelError(f"{path}: tensor {name!r}: bad data_offsets {_short(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end or data_start + end > size:
-        raise ModelError(f"{path}: tensor {name!r}: data_offsets {offsets} out of range "
+        raise ModelError(f"{path}: tensor {name!r}: data_offsets {_short(offsets)} out of range "
                          f"(data area is {size - data_start} bytes)")
-    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    # Python integers: a NumPy product would wrap around, and [2**32, 2**32] would claim 0 bytes
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
-        raise ModelError(f"{path}: tensor {name!r}: shape {shape} x {dtype} is {expected} bytes "
-                         f"but its span is {end - begin} bytes")
-    return TensorInfo(path, name, dtype, tuple(shape), data_start + begin, data_start + end)
+        raise ModelError(f"{path}: tensor {name!r}: shape {_short(shape)} x {dtype} is {_short(expected)} "
+                         f"bytes but its span is {end - begin} bytes")
+    return TensorInfo(path, key, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr() cut to one short line: a hostile header may hold megabytes in one field."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class _Name(str):
+    """A tensor name whose !r is short (and ASCII-safe) whatever the header put in it."""
+
+    def __repr__(self) -> str:
+        return _short(str(self), 200)
 
 
 def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
         if start_b < end_a:
-            raise ModelError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the file")
+            raise ModelError(f"{path}: tensors {_short(name_a, 200)} and {_short(name_b, 200)} "
+                             "overlap in the file")
 
 
 class Checkpoint:
@@ -109,10 +133,12 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.tensors: dict[str, TensorInfo] = {}
-        for file in checkpoint_files(folder):
+        self.files = checkpoint_files(folder)
+        for file in self.files:
             for name, info in read_header(file).items():
                 if name in self.tensors:
-                    raise ModelError(f"{file}: tensor {name!r} is also in {self.tensors[name].file.name}")
+                    raise ModelError(f"{file}: tensor {_short(name, 200)} is also in "
+                                     f"{self.tensors[name].file.name}")
                 self.tensors[name] = info
         self._maps: dict[Path, np.memmap] = {}
 
@@ -123,7 +149,9 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise ModelError(f"{self.folder}: tensor {name!r} is missing from the checkpoint") from None
+            where = (str(self.files[0]) if len(self.files) == 1
+                     else f"{self.folder} ({', '.join(f.name for f in self.files)})")
+            raise ModelError(f"{where}: tensor {name!r} is missing from the checkpoint") from None
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A tensor as a host array (bfloat16 as float32), its shape checked if given."""
@@ -155,11 +183,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: no weight_map")
+        if not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ModelError(f"{index}: weight_map must map tensor names to file names")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
-            path = folder / str(shard)
+            path = folder / shard
             if path.parent != folder or not path.is_file():
-                raise ModelError(f"{index}: shard {shard!r} is missing from {folder}")
+                raise ModelError(f"{index}: shard {_short(shard)} is missing from {folder}")
             files.append(path)
         return files
     single = folder / SINGLE_NAME

@@ -8,6 +8,7 @@ CPU and the GPU and only the chosen token id ever comes back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,8 +30,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ModelError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ModelError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed is not None and self.seed < 0:
+            raise ModelError(f"seed must be >= 0, got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise ModelError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
