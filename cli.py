@@ -252,6 +252,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
+        except ModelError as exc:  # e.g. the template refuses the conversation: say so, keep chatting
+            session.messages = [m for m in session.messages if m.get("content") or m["role"] != "assistant"]
+            if session.messages and session.messages[-1]["role"] == "user":
+                session.messages.pop()
+            log(f"error: {exc}")
         sys.stdout.write("\n")
         sys.stdout.flush()
     if interactive:
