@@ -1,6 +1,7 @@
 """Soak: the default model generating 20,000 tokens through a 256-token int8 cache.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/soak.py [--tokens 20000] [--ctx 256]
+    python benchmarks/soak.py --tokens 4000 --ctx 4096 --kv-dtype float16 --block 500   # RSS 500 vs 4,000
 
 Checks, per block of 1,000 tokens: every logit finite, RSS, tokens/s. Prints the last
 block against the first: RSS within 2 MB, tokens/s within 10%.
