@@ -77,7 +77,10 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.prefix:])
         if len(text) <= len(done) or text.endswith("\ufffd"):
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
+        # ids before the new window are never decoded again: drop them, so a long
+        # generation keeps a few ids here rather than all of them
+        del self.ids[:self.read]
+        self.prefix, self.read = 0, len(self.ids)
         return text[len(done):]
 
     def flush(self) -> str:

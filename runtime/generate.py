@@ -7,6 +7,7 @@ one step at a time, and the Model's `stream` / `generate` turn them into text.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -63,7 +64,8 @@ def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Samp
     the device to the host each step.
     """
     backend = net.backend
-    history = list(prompt)
+    # what the repetition penalty looks back on, bounded: nothing in the loop grows
+    history = deque(prompt[-sampler.params.repeat_last_n:], maxlen=sampler.params.repeat_last_n)
     start = time.perf_counter()
     logits = prefill(net, cache, prompt, prefill_chunk)
     backend.synchronize()

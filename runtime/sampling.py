@@ -54,7 +54,7 @@ class Sampler:
         """A 0-d device array holding the chosen token id, for one row of logits."""
         p = self.params
         if p.repeat_penalty != 1.0 and recent:
-            logits = apply_repeat_penalty(self.xp, logits, recent[-p.repeat_last_n:], p.repeat_penalty)
+            logits = apply_repeat_penalty(self.xp, logits, list(recent)[-p.repeat_last_n:], p.repeat_penalty)
         if p.temperature == 0.0:
             return self.xp.argmax(logits)
         return self.draw(logits * (1.0 / p.temperature))
