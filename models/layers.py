@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from loaders.config import ModelConfig
 from runtime.backend import array_module as _xp
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -72,11 +71,6 @@ def silu(x: Array) -> Array:
     return x / (1.0 + xp.exp(-x))
 
 
-def gelu_tanh(x: Array) -> Array:
-    xp = _xp(x)
-    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
-
-
 class Rotary:
     """Rotary position embeddings (HF's rotate_half layout) at any absolute position.
 
@@ -135,8 +129,3 @@ def _llama3_inv_freq(xp: Any, inv_freq: Array, s: dict) -> Array:
     smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return xp.where(is_medium, smoothed, scaled).astype(xp.float32)
-
-
-def head_layout(config: ModelConfig) -> tuple[int, int, int]:
-    """(query heads, KV heads, head_dim) of an attention layer."""
-    return config.num_attention_heads, config.num_key_value_heads, config.head_dim

@@ -129,12 +129,6 @@ class KVCache:
         return sum(int(a.nbytes) for a in arrays if a is not None)
 
     @property
-    def scratch_nbytes(self) -> int:
-        """Bytes of the float32 read buffers, allocated once beside the storage."""
-        arrays = [self._k32, self._v32, self._scores]
-        return sum(int(a.nbytes) for a in arrays if a is not None)
-
-    @property
     def wrapped(self) -> bool:
         """True once a token has been evicted."""
         return self.offset > self.spec.capacity

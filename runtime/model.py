@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -202,9 +201,3 @@ class Model:
             if token is not None:
                 ids.add(token)
         return ids
-
-
-def timed_load(*args: Any, **kwargs: Any) -> tuple[Model, float]:
-    start = time.perf_counter()
-    model = load(*args, **kwargs)
-    return model, time.perf_counter() - start
