@@ -48,6 +48,7 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    layer_types: list[str] | None = None  # "full_attention" / "sliding_attention" per layer
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     torch_dtype: str | None = None
@@ -93,6 +94,8 @@ class ModelConfig:
                 "num_attention_heads", "num_key_value_heads", source)
         if self.sliding_window is not None:
             _check_size("sliding_window", self.sliding_window, source)
+        if self.layer_types is not None:
+            _check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window, source)
         _check_number("rope_theta", self.rope_theta, source, positive=True)
         _check_number("rms_norm_eps", self.rms_norm_eps, source, positive=False)
         for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
@@ -108,6 +111,12 @@ class ModelConfig:
             raise ModelError(f"{source}: torch_dtype must be a string, got {_short(self.torch_dtype)}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, "rope_scaling", source)
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window, None for a layer that sees the whole context."""
+        if self.layer_types is None:
+            return [self.sliding_window] * self.num_hidden_layers
+        return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
 
     @property
     def eos_ids(self) -> list[int]:
@@ -148,6 +157,21 @@ def _check_rope_scaling(scaling: Any, key: str, source: str) -> None:
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ModelError(f"{source}: {key}.high_freq_factor ({scaling['high_freq_factor']!r}) must be greater "
                          f"than {key}.low_freq_factor ({scaling['low_freq_factor']!r})")
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _check_layer_types(types: Any, layers: int, window: int | None, source: str) -> None:
+    if not isinstance(types, list) or len(types) != layers:
+        raise ModelError(f"{source}: layer_types must be a list of {layers} entries (one per layer), "
+                         f"got {_short(types)}")
+    for t in types:
+        if t not in LAYER_TYPES:
+            raise ModelError(f"{source}: unsupported layer type {_short(t)} in layer_types "
+                             f"(supported: {', '.join(LAYER_TYPES)})")
+    if "sliding_attention" in types and window is None:
+        raise ModelError(f"{source}: layer_types has sliding_attention layers but sliding_window is not set")
 
 
 def _is_int(value: Any) -> bool:

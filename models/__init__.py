@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from loaders.errors import ModelError
 from models.llama import Llama
+from models.qwen2 import Qwen2, Qwen3
 
-ARCHITECTURES = {"llama": Llama}
+ARCHITECTURES = {"llama": Llama, "qwen2": Qwen2, "qwen3": Qwen3}
 # Mistral is Llama with a sliding window, which the cache handles.
 ALIASES: dict[str, str] = {"mistral": "llama"}
 

@@ -35,6 +35,23 @@ class Layer:
     gate_up_bias: Array | None
     down_proj: Array
     down_bias: Array | None
+    q_norm: Array | None = None  # per-head RMSNorm of queries and keys (Qwen3)
+    k_norm: Array | None = None
+
+
+@dataclass
+class Rope:
+    """Rotary cos/sin of one forward call's positions, for one rotary and one ring."""
+
+    rotary: Rotary
+    cos: Array
+    sin: Array
+    sink: tuple[Array, Array] | None  # what the sinks see the queries at, once the ring wrapped
+
+    def apply(self, q: Array, k: Array) -> tuple[Array, Array, Array | None]:
+        """q and k rotated, and q as the sink slots score it (None before the ring wraps)."""
+        q_sink = self.rotary.apply(q, *self.sink) if self.sink else None
+        return self.rotary.apply(q, self.cos, self.sin), self.rotary.apply(k, self.cos, self.sin), q_sink
 
 
 class Llama:
@@ -51,6 +68,9 @@ class Llama:
         self.norm: Array = weights["norm"]
         self.lm_head: Array = weights["lm_head"]
         self.rotary = Rotary(self.xp, config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotaries = [self.rotary] * config.num_hidden_layers  # per layer: Gemma 3 has two
+        self.attn_scale = config.head_dim ** -0.5
+        self.attn_softcap: float | None = None
         self.shift_sink_positions = True
 
     # -- loading --------------------------------------------------------------
@@ -87,31 +107,29 @@ class Llama:
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> Array:
         """Logits (T, vocab) float32 (last row only unless all_logits) for tokens (T,)."""
         xp = self.xp
-        positions = cache.begin(len(tokens))
-        cos, sin = self.rotary.cos_sin(xp.asarray(positions))
-        sink_rope = self._sink_rope(positions, cache)
+        ropes = self.ropes(cache.begin(len(tokens)), cache)
         h = self.embed_tokens[xp.asarray(tokens)].astype(xp.float32)
         for n, layer in enumerate(self.layers):
-            h = self.block(h, layer, n, cache, cos, sin, sink_rope)
+            h = self.block(h, layer, n, cache, ropes[n])
         cache.end()
         if not all_logits:
             h = h[-1:]
         return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
 
-    def block(self, h: Array, layer: Layer, n: int, cache: KVCache, cos: Array, sin: Array,
-              sink_rope: tuple[Array, Array] | None) -> Array:
+    def block(self, h: Array, layer: Layer, n: int, cache: KVCache, rope: Rope) -> Array:
         eps = self.config.rms_norm_eps
-        h = h + self.attention(rms_norm(h, layer.input_layernorm, eps), layer, n, cache, cos, sin, sink_rope)
+        h = h + self.attention(rms_norm(h, layer.input_layernorm, eps), layer, n, cache, rope)
         return h + self.mlp(rms_norm(h, layer.post_attention_layernorm, eps), layer)
 
-    def attention(self, x: Array, layer: Layer, n: int, cache: KVCache, cos: Array, sin: Array,
-                  sink_rope: tuple[Array, Array] | None) -> Array:
+    def attention(self, x: Array, layer: Layer, n: int, cache: KVCache, rope: Rope) -> Array:
         c = self.config
         q, k, v = split_heads(linear(x, layer.qkv_proj, layer.qkv_bias),
                               c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        q_sink = self.rotary.apply(q, *sink_rope) if sink_rope else None
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        out = attend(q, k, v, cache, n, scale=c.head_dim ** -0.5, q_sink=q_sink)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, c.rms_norm_eps), rms_norm(k, layer.k_norm, c.rms_norm_eps)
+        q, k, q_sink = rope.apply(q, k)
+        ring, index = cache.ring(n)
+        out = attend(q, k, v, ring, index, scale=self.attn_scale, softcap=self.attn_softcap, q_sink=q_sink)
         return linear(out, layer.o_proj, layer.o_bias)
 
     def mlp(self, x: Array, layer: Layer) -> Array:
@@ -119,13 +137,26 @@ class Llama:
         i = self.config.intermediate_size
         return linear(silu(gate_up[:, :i]) * gate_up[:, i:], layer.down_proj, layer.down_bias)
 
-    def _sink_rope(self, positions: np.ndarray, cache: KVCache) -> tuple[Array, Array] | None:
+    def ropes(self, positions: np.ndarray, cache: KVCache) -> list[Rope]:
+        """Each layer's Rope for this call; layers sharing a rotary and a ring share one."""
+        made: dict[tuple[int, int], Rope] = {}
+        out = []
+        for n, rotary in enumerate(self.rotaries):
+            ring, _ = cache.ring(n)
+            key = (id(rotary), id(ring))
+            if key not in made:
+                cos, sin = rotary.cos_sin(self.xp.asarray(positions))
+                made[key] = Rope(rotary, cos, sin, self._sink_rope(rotary, positions, ring))
+            out.append(made[key])
+        return out
+
+    def _sink_rope(self, rotary: Rotary, positions: np.ndarray, ring: KVCache) -> tuple[Array, Array] | None:
         # Once the ring has evicted tokens, the sinks are scored as if they sat
         # just before the window (StreamingLLM's positions within the cache):
         # a query never sees a sink further away than the cache is long.
-        if not (self.shift_sink_positions and cache.n_sink and positions[-1] >= cache.capacity):
+        if not (self.shift_sink_positions and ring.n_sink and positions[-1] >= ring.capacity):
             return None
-        return self.rotary.cos_sin(self.xp.asarray(np.minimum(positions, cache.capacity - 1)))
+        return rotary.cos_sin(self.xp.asarray(np.minimum(positions, ring.capacity - 1)))
 
 
 def split_heads(qkv: Array, n_q: int, n_kv: int, d: int) -> tuple[Array, Array, Array]:
@@ -135,38 +166,48 @@ def split_heads(qkv: Array, n_q: int, n_kv: int, d: int) -> tuple[Array, Array, 
     return heads[:n_q], heads[n_q:n_q + n_kv], heads[n_q + n_kv:]
 
 
+class WeightReader:
+    """Reads checkpoint tensors at the shapes `expected_shapes` lists, fusing and uploading them."""
+
+    def __init__(self, ckpt: Checkpoint, backend: Backend, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.ckpt, self.backend, self.shapes = ckpt, backend, shapes
+
+    def host(self, name: str) -> np.ndarray:
+        return self.ckpt.get(name, self.shapes[name])
+
+    def __call__(self, *names: str) -> Array:
+        """The tensors stacked on axis 0 (one name: the tensor itself), on the device."""
+        parts = [self.host(n) for n in names]
+        host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return self.backend.asarray(host, self.backend.weight_dtype)
+
+    def maybe(self, *names: str) -> Array | None:
+        """As __call__, or None when the architecture does not have the first tensor."""
+        return self(*names) if names[0] in self.shapes else None
+
+
 def load_weights(c: ModelConfig, ckpt: Checkpoint, backend: Backend,
                  shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Read, check, fuse and upload the weights; the one place names are mapped."""
-    dtype = backend.weight_dtype
-
-    def get(name: str) -> np.ndarray:
-        return ckpt.get(name, shapes[name])
-
-    def upload(*names: str) -> Array:
-        parts = [get(n) for n in names]
-        host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        return backend.asarray(host, dtype)
-
-    def maybe(*names: str) -> Array | None:
-        return upload(*names) if names[0] in shapes else None
-
+    read = WeightReader(ckpt, backend, shapes)
     layers = []
     for n in range(c.num_hidden_layers):
         p = f"model.layers.{n}."
         attn, mlp = p + "self_attn.", p + "mlp."
         layers.append(Layer(
-            input_layernorm=upload(p + "input_layernorm.weight"),
-            qkv_proj=upload(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-            qkv_bias=maybe(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"),
-            o_proj=upload(attn + "o_proj.weight"),
-            o_bias=maybe(attn + "o_proj.bias"),
-            post_attention_layernorm=upload(p + "post_attention_layernorm.weight"),
-            gate_up_proj=upload(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
-            gate_up_bias=maybe(mlp + "gate_proj.bias", mlp + "up_proj.bias"),
-            down_proj=upload(mlp + "down_proj.weight"),
-            down_bias=maybe(mlp + "down_proj.bias"),
+            input_layernorm=read(p + "input_layernorm.weight"),
+            qkv_proj=read(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+            qkv_bias=read.maybe(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"),
+            o_proj=read(attn + "o_proj.weight"),
+            o_bias=read.maybe(attn + "o_proj.bias"),
+            post_attention_layernorm=read(p + "post_attention_layernorm.weight"),
+            gate_up_proj=read(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+            gate_up_bias=read.maybe(mlp + "gate_proj.bias", mlp + "up_proj.bias"),
+            down_proj=read(mlp + "down_proj.weight"),
+            down_bias=read.maybe(mlp + "down_proj.bias"),
+            q_norm=read.maybe(attn + "q_norm.weight"),
+            k_norm=read.maybe(attn + "k_norm.weight"),
         ))
-    embed = upload("model.embed_tokens.weight")
-    lm_head = embed if c.tie_word_embeddings else upload("lm_head.weight")
-    return {"embed_tokens": embed, "layers": layers, "norm": upload("model.norm.weight"), "lm_head": lm_head}
+    embed = read("model.embed_tokens.weight")
+    lm_head = embed if c.tie_word_embeddings else read("lm_head.weight")
+    return {"embed_tokens": embed, "layers": layers, "norm": read("model.norm.weight"), "lm_head": lm_head}

@@ -118,6 +118,14 @@ class KVCache:
         return self.window
 
     @property
+    def rings(self) -> tuple["KVCache", ...]:
+        return (self,)
+
+    def ring(self, layer: int) -> tuple["KVCache", int]:
+        """The ring a layer's keys live in, and the layer's index there."""
+        return self, layer
+
+    @property
     def length(self) -> int:
         """How many slots hold a token."""
         return min(self.offset, self.spec.capacity)
@@ -253,3 +261,110 @@ class _Step:
     slots: slice | np.ndarray
     n_old: int
     mask_old: Any | None
+
+
+@dataclass(frozen=True)
+class HybridSpec:
+    """A model whose layers attend over different spans (Gemma's sliding-window
+    and global layers): one ring per span, each sized for it, so a 512-token
+    window layer never holds more than 512 tokens."""
+
+    specs: tuple[CacheSpec, ...]
+    layer_ring: tuple[int, ...]  # the ring of each layer, in layer order
+
+    @property
+    def capacity(self) -> int:
+        return max(s.capacity for s in self.specs)
+
+    @property
+    def n_sink(self) -> int:
+        return max(s.n_sink for s in self.specs)
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.specs[0].kv_dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_ring)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes per position while every ring still grows."""
+        return sum(s.bytes_per_token for s in self.specs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+class HybridCache:
+    """Several rings fed the same tokens; each layer reads and writes its own.
+
+    Offers the single ring's interface for the sequence as a whole (begin/end,
+    offset, capacity, reset, truncate); `ring(layer)` routes a layer.
+    """
+
+    def __init__(self, backend: Backend, spec: HybridSpec) -> None:
+        self.backend = backend
+        self.xp = backend.xp
+        self.spec = spec
+        self.rings = tuple(KVCache(backend, s) for s in spec.specs)
+        seen = [0] * len(self.rings)
+        self._route = []
+        for r in spec.layer_ring:
+            self._route.append((self.rings[r], seen[r]))
+            seen[r] += 1
+
+    def ring(self, layer: int) -> tuple[KVCache, int]:
+        return self._route[layer]
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    @property
+    def n_sink(self) -> int:
+        return self.spec.n_sink
+
+    @property
+    def offset(self) -> int:
+        return self.rings[0].offset
+
+    @property
+    def length(self) -> int:
+        return min(self.offset, self.capacity)
+
+    @property
+    def max_chunk(self) -> int:
+        return min(r.max_chunk for r in self.rings)
+
+    @property
+    def wrapped(self) -> bool:
+        return any(r.wrapped for r in self.rings)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.rings)
+
+    def begin(self, n_new: int) -> np.ndarray:
+        positions = [r.begin(n_new) for r in self.rings]
+        return positions[0]
+
+    def end(self) -> None:
+        for r in self.rings:
+            r.end()
+
+    def reset(self) -> None:
+        for r in self.rings:
+            r.reset()
+
+    def truncate(self, n_keep: int) -> None:
+        if self.wrapped:
+            raise ValueError("cannot truncate a cache that has wrapped around")
+        for r in self.rings:
+            r.truncate(n_keep)
+
+
+def new_cache(backend: Backend, spec: CacheSpec | HybridSpec) -> KVCache | HybridCache:
+    return HybridCache(backend, spec) if isinstance(spec, HybridSpec) else KVCache(backend, spec)

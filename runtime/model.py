@@ -24,7 +24,7 @@ from loaders.tokenizer import Tokenizer
 from models import architecture
 from runtime.backend import Backend, get_backend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, GenerationStats, decode_tokens, prefill
-from runtime.kv_cache import DEFAULT_SINKS, KV_DTYPES, CacheSpec, KVCache
+from runtime.kv_cache import DEFAULT_SINKS, KV_DTYPES, CacheSpec, HybridCache, HybridSpec, KVCache, new_cache
 from runtime.sampling import Sampler, SamplingParams
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -64,21 +64,24 @@ def load(model: str | os.PathLike | None = None, *, device: str = "cpu", dtype: 
     return Model(folder, config, net, tokenizer, options, spec)
 
 
-def cache_spec(config: ModelConfig, options: LoadOptions) -> CacheSpec:
-    """The cache geometry: max_context slots with sinks, or the model's sliding window."""
+def cache_spec(config: ModelConfig, options: LoadOptions) -> CacheSpec | HybridSpec:
+    """The cache geometry: max_context slots with sinks, and a ring of `window`
+    slots without sinks for layers with a sliding window (HF's window mask is
+    exactly such a ring). Layers that differ get one ring per span."""
     ctx = options.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    n_sink = options.n_sink
-    window = config.sliding_window
-    if window is not None and window <= ctx:
-        ctx, n_sink = window, 0  # HF's sliding window is exactly a ring without sinks
-    if ctx <= n_sink:
-        raise ModelError(f"context of {ctx} tokens is too small (the cache keeps {n_sink} sink tokens)")
-    return CacheSpec(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                     ctx, options.kv_dtype, n_sink)
+    if ctx <= options.n_sink:
+        raise ModelError(f"context of {ctx} tokens is too small (the cache keeps {options.n_sink} sink tokens)")
+    spans = [(w, 0) if w is not None and w <= ctx else (ctx, options.n_sink) for w in config.layer_windows()]
+    kinds = list(dict.fromkeys(spans))
+    specs = tuple(CacheSpec(spans.count((capacity, n_sink)), config.num_key_value_heads, config.head_dim, capacity,
+                            options.kv_dtype, n_sink) for capacity, n_sink in kinds)
+    if len(specs) == 1:
+        return specs[0]
+    return HybridSpec(specs, tuple(kinds.index(span) for span in spans))
 
 
 def check_memory(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]], backend: Backend,
-                 spec: CacheSpec) -> None:
+                 spec: CacheSpec | HybridSpec) -> None:
     """Refuse, before allocating, a model plus cache that cannot fit in memory."""
     weight_bytes = sum(int(np.prod(s)) for s in shapes.values()) * backend.weight_dtype.itemsize
     need = weight_bytes + spec.nbytes
@@ -107,7 +110,7 @@ class Model:
     """A loaded model with its tokenizer, chat template and generation settings."""
 
     def __init__(self, folder: Path, config: ModelConfig, net: Any, tokenizer: Tokenizer,
-                 options: LoadOptions, spec: CacheSpec) -> None:
+                 options: LoadOptions, spec: CacheSpec | HybridSpec) -> None:
         self.folder = folder
         self.config = config
         self.net = net
@@ -125,8 +128,8 @@ class Model:
     def model_type(self) -> str:
         return self.config.model_type
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.backend, self.cache_spec)
+    def new_cache(self) -> KVCache | HybridCache:
+        return new_cache(self.backend, self.cache_spec)
 
     # -- prompts --------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **context: Any) -> str:

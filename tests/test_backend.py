@@ -54,7 +54,7 @@ ALLOWED_NUMPY = {
     ("runtime/generate.py", "decode_tokens", "np.asarray"),  # the sampled token id
     ("runtime/generate.py", "decode_tokens", "np.int64"),
     ("models/llama.py", "Llama._sink_rope", "np.minimum"),  # positions
-    ("models/llama.py", "load_weights.upload", "np.concatenate"),  # fusing checkpoint arrays
+    ("models/llama.py", "WeightReader.__call__", "np.concatenate"),  # fusing checkpoint arrays
 }
 # Array methods that read a device array on the host (CuPy: a hidden synchronizing copy);
 # `.get()` only without arguments (dict.get takes a key).
