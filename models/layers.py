@@ -66,9 +66,23 @@ def rms_norm(x: Array, weight: Array, eps: float, offset: float = 0.0) -> Array:
     return y * (weight + offset) if offset else y * weight
 
 
+def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
+    """LayerNorm over the last axis (GPT-2): centred, scaled, shifted."""
+    xp = _xp(x)
+    centred = x - xp.mean(x, axis=-1, keepdims=True)
+    variance = xp.mean(centred * centred, axis=-1, keepdims=True)
+    return centred * (1.0 / xp.sqrt(variance + eps)) * weight + bias
+
+
 def silu(x: Array) -> Array:
     xp = _xp(x)
     return x / (1.0 + xp.exp(-x))
+
+
+def gelu_tanh(x: Array) -> Array:
+    """GELU, tanh approximation (HF's gelu_pytorch_tanh / gelu_new)."""
+    xp = _xp(x)
+    return 0.5 * x * (1.0 + xp.tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x))))
 
 
 class Rotary:
