@@ -17,9 +17,13 @@ from typing import Any
 
 from loaders.errors import ModelError
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")
+LONGROPE = ("longrope", "su")  # "su": the name Phi-3's first releases gave LongRoPE
+_LONGROPE_LISTS = ("short_factor", "long_factor")
 _ROPE_KEYS = {"default": (), "linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "longrope": (*_LONGROPE_LISTS, "original_max_position_embeddings")}
+_ROPE_KEYS["su"] = _ROPE_KEYS["longrope"]
 _SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
           "max_position_embeddings")
 _OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
@@ -71,6 +75,7 @@ class ModelConfig:
             if values.get(key) is not None:
                 _check_size(key, values[key], source)
         _normalize_rope(values, source)
+        _normalize_longrope(values, raw, cls.max_position_embeddings)
         if values.get("num_key_value_heads") is None:
             values["num_key_value_heads"] = values["num_attention_heads"]
         if values.get("head_dim") is None:
@@ -78,7 +83,7 @@ class ModelConfig:
                                          "hidden_size", "num_attention_heads", source)
         config = cls(**values)
         config.validate(source)
-        return config
+        return _with_longrope_attention_factor(config)
 
     def validate(self, source: str) -> None:
         """Every field's type and range; a ModelError naming `source` and the key otherwise."""
@@ -110,13 +115,18 @@ class ModelConfig:
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
             raise ModelError(f"{source}: torch_dtype must be a string, got {_short(self.torch_dtype)}")
         if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling, "rope_scaling", source)
+            _check_rope_scaling(self.rope_scaling, "rope_scaling", source, self.rotary_dim)
 
     def layer_windows(self) -> list[int | None]:
         """Each layer's sliding window, None for a layer that sees the whole context."""
         if self.layer_types is None:
             return [self.sliding_window] * self.num_hidden_layers
         return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of a head's dimensions rotate (Phi-3 rotates a fraction)."""
+        return self.head_dim
 
     @property
     def eos_ids(self) -> list[int]:
@@ -147,16 +157,66 @@ def _rope_type(scaling: Any, key: str, source: str) -> str:
     return kind
 
 
-def _check_rope_scaling(scaling: Any, key: str, source: str) -> None:
+def _check_rope_scaling(scaling: Any, key: str, source: str, rotary_dim: int | None = None) -> None:
     """The parameters the rotary embedding reads: present, numbers, and sane."""
     kind = _rope_type(scaling, key, source)
     for name in _ROPE_KEYS[kind]:
         if name not in scaling:
             raise ModelError(f"{source}: {key} of type {kind!r} needs '{name}'")
-        _check_number(f"{key}.{name}", scaling[name], source, positive=True)
+        if name not in _LONGROPE_LISTS:
+            _check_number(f"{key}.{name}", scaling[name], source, positive=True)
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ModelError(f"{source}: {key}.high_freq_factor ({scaling['high_freq_factor']!r}) must be greater "
                          f"than {key}.low_freq_factor ({scaling['low_freq_factor']!r})")
+    if kind in LONGROPE:
+        _check_longrope(scaling, key, source, rotary_dim)
+
+
+def _check_longrope(scaling: dict[str, Any], key: str, source: str, rotary_dim: int | None) -> None:
+    original = scaling["original_max_position_embeddings"]
+    if not _is_int(original) or original < 2:  # its log divides the default attention factor
+        raise ModelError(f"{source}: {key}.original_max_position_embeddings must be an integer >= 2, "
+                         f"got {_short(original)}")
+    for name in ("factor", "attention_factor"):  # optional: null is the same as absent, as in HF
+        if scaling.get(name) is not None:
+            _check_number(f"{key}.{name}", scaling[name], source, positive=True)
+    for name in _LONGROPE_LISTS:
+        factors = scaling[name]
+        size = len(factors) if isinstance(factors, list) else -1
+        numbers = size > 0 and all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
+                                   and f > 0 for f in factors)
+        if not numbers or (rotary_dim is not None and size != rotary_dim // 2):
+            count = "" if rotary_dim is None else f"{rotary_dim // 2} "
+            raise ModelError(f"{source}: {key}.{name} must be a list of {count}positive numbers "
+                             f"(one per rotary frequency), got {_short(factors)}")
+
+
+def _normalize_longrope(values: dict[str, Any], raw: dict[str, Any], default_max_positions: int) -> None:
+    # As HF: a top-level original_max_position_embeddings (where Phi-3 writes it)
+    # wins over the one in the rope parameters; with neither, max_position_embeddings.
+    scaling = values.get("rope_scaling")
+    if not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) not in LONGROPE:
+        return
+    scaling = dict(scaling)
+    if raw.get("original_max_position_embeddings") is not None:
+        scaling["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+    elif scaling.get("original_max_position_embeddings") is None:
+        scaling["original_max_position_embeddings"] = values.get("max_position_embeddings", default_max_positions)
+    values["rope_scaling"] = scaling
+
+
+def _with_longrope_attention_factor(config: "ModelConfig") -> "ModelConfig":
+    """The config with LongRoPE's attention factor (what cos and sin are scaled by)
+    filled in as HF derives it when config.json gives none: from `factor`, else from
+    max_position_embeddings / original_max_position_embeddings."""
+    scaling = config.rope_scaling
+    if not scaling or _rope_type(scaling, "rope_scaling", "") not in LONGROPE or \
+            scaling.get("attention_factor") is not None:
+        return config
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    attention = 1.0 if factor <= 1.0 else math.sqrt(1.0 + math.log(factor) / math.log(original))
+    return dataclasses.replace(config, rope_scaling={**scaling, "attention_factor": attention})
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")

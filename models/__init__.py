@@ -7,10 +7,16 @@ file; anything else is refused with the list of what is supported.
 from __future__ import annotations
 
 from loaders.errors import ModelError
+from models.gpt2 import GPT2
+from models.gemma import Gemma2, Gemma3Text
 from models.llama import Llama
+from models.phi3 import Phi3
 from models.qwen2 import Qwen2, Qwen3
 
 ARCHITECTURES = {"llama": Llama, "qwen2": Qwen2, "qwen3": Qwen3}
+ARCHITECTURES.update({"gemma2": Gemma2, "gemma3_text": Gemma3Text})
+ARCHITECTURES["gpt2"] = GPT2
+ARCHITECTURES["phi3"] = Phi3
 # Mistral is Llama with a sliding window, which the cache handles.
 ALIASES: dict[str, str] = {"mistral": "llama"}
 

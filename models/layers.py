@@ -7,6 +7,7 @@ every matmul after it would convert its weights).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -61,9 +62,13 @@ def _widening_matmul(x: Array, weight: Array) -> Array:
 def rms_norm(x: Array, weight: Array, eps: float, offset: float = 0.0) -> Array:
     """RMSNorm in float32; `offset=1.0` gives Gemma's (1 + weight) form."""
     xp = _xp(x)
-    variance = xp.mean(x * x, axis=-1, keepdims=True)
-    y = x * (1.0 / xp.sqrt(variance + eps))
-    return y * (weight + offset) if offset else y * weight
+    # a sum then a scale: np.mean's Python wrapper costs more than the math here
+    variance = (x * x).sum(axis=-1, keepdims=True)
+    variance *= 1.0 / x.shape[-1]
+    variance += eps
+    y = x * (1.0 / xp.sqrt(variance))
+    y *= (weight + offset) if offset else weight
+    return y
 
 
 def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
@@ -76,7 +81,10 @@ def layer_norm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
 
 def silu(x: Array) -> Array:
     xp = _xp(x)
-    return x / (1.0 + xp.exp(-x))
+    t = xp.negative(x)
+    xp.exp(t, out=t)
+    t += 1.0
+    return xp.divide(x, t, out=t)
 
 
 def gelu_tanh(x: Array) -> Array:
@@ -90,21 +98,51 @@ class Rotary:
 
     cos/sin are computed for the positions of each forward call rather than from a
     table, because ring-buffer positions grow without bound.
+
+    LongRoPE (Phi-3) has two sets of frequencies: `inv_freq` from the short factors
+    and `long_inv_freq` from the long ones, and scales cos and sin by its
+    attention factor.
     """
 
     def __init__(self, xp: Any, head_dim: int, theta: float, scaling: dict | None = None,
                  rotary_dim: int | None = None) -> None:
         self.xp = xp
         self.dim = rotary_dim or head_dim
-        inv_freq = 1.0 / (theta ** (xp.arange(0, self.dim, 2, dtype=xp.int64).astype(xp.float32) / self.dim))
-        self.inv_freq = _scale_inv_freq(xp, inv_freq.astype(xp.float32), scaling)
+        powers = theta ** (xp.arange(0, self.dim, 2, dtype=xp.int64).astype(xp.float32) / self.dim)
+        self.inv_freq = _scale_inv_freq(xp, (1.0 / powers).astype(xp.float32), scaling)
+        self.long_inv_freq: Array | None = None
+        self.original_max = 0
+        self.attention_factor = 1.0
+        if _rope_kind(scaling) in LONGROPE:
+            self.inv_freq, self.long_inv_freq = (_longrope_inv_freq(xp, powers, scaling[key])
+                                                 for key in ("short_factor", "long_factor"))
+            self.original_max = int(scaling["original_max_position_embeddings"])
+            # the config loader fills in HF's default when config.json has none
+            self.attention_factor = float(scaling.get("attention_factor") or 1.0)
 
     def cos_sin(self, positions: Array) -> tuple[Array, Array]:
         """cos and sin of shape (T, dim) for integer positions of shape (T,)."""
         xp = self.xp
-        freqs = positions.astype(xp.float32)[:, None] * self.inv_freq[None, :]
+        freqs = positions.astype(xp.float32)[:, None] * self._call_inv_freq(positions)[None, :]
         angles = xp.concatenate([freqs, freqs], axis=-1)
-        return xp.cos(angles), xp.sin(angles)
+        if self.attention_factor == 1.0:
+            return xp.cos(angles), xp.sin(angles)
+        return xp.cos(angles) * self.attention_factor, xp.sin(angles) * self.attention_factor
+
+    def _call_inv_freq(self, positions: Array) -> Array:
+        # LongRoPE as HF's rotary forward picks it: one set for the whole call, the
+        # long one once the call's largest position reaches original_max_position_embeddings.
+        # Chosen on the device, so that no position is read back.
+        if self.long_inv_freq is None:
+            return self.inv_freq
+        return self.xp.where(positions.max() >= self.original_max, self.long_inv_freq, self.inv_freq)
+
+    def fixed(self, long: bool) -> "Rotary":
+        """This rotary with LongRoPE's long (or short) frequencies at every position."""
+        out = copy.copy(self)
+        out.inv_freq = self.long_inv_freq if long and self.long_inv_freq is not None else self.inv_freq
+        out.long_inv_freq = None
+        return out
 
     def apply(self, x: Array, cos: Array, sin: Array) -> Array:
         """Rotate x of shape (heads, T, head_dim) by per-position cos/sin (T, dim)."""
@@ -117,17 +155,27 @@ class Rotary:
         return out if rest is None else xp.concatenate([out, rest], axis=-1)
 
 
+LONGROPE = ("longrope", "su")  # "su": the name Phi-3's first releases gave it
+
+
+def _rope_kind(scaling: dict | None) -> str:
+    return scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+
+
 def _scale_inv_freq(xp: Any, inv_freq: Array, scaling: dict | None) -> Array:
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
+    kind = _rope_kind(scaling)
+    if kind in ("default", *LONGROPE):  # LongRoPE's frequencies are made from the powers instead
         return inv_freq
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_inv_freq(xp, inv_freq, scaling)
     raise ValueError(f"rope type {kind!r} reached the rotary block unchecked")
+
+
+def _longrope_inv_freq(xp: Any, powers: Array, factors: list[float]) -> Array:
+    # 1 / (factor * theta^(2i/d)), in HF's order of operations (float32 throughout)
+    return (1.0 / (xp.asarray(factors, dtype=xp.float32) * powers)).astype(xp.float32)
 
 
 def _llama3_inv_freq(xp: Any, inv_freq: Array, s: dict) -> Array:

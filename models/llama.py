@@ -67,7 +67,7 @@ class Llama:
         self.layers: list[Layer] = weights["layers"]
         self.norm: Array = weights["norm"]
         self.lm_head: Array = weights["lm_head"]
-        self.rotary = Rotary(self.xp, config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary = Rotary(self.xp, config.head_dim, config.rope_theta, config.rope_scaling, config.rotary_dim)
         self.rotaries = [self.rotary] * config.num_hidden_layers  # per layer: Gemma 3 has two
         self.attn_scale = config.head_dim ** -0.5
         self.attn_softcap: float | None = None
@@ -106,14 +106,17 @@ class Llama:
     # -- the forward pass -----------------------------------------------------
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> Array:
         """Logits (T, vocab) float32 (last row only unless all_logits) for tokens (T,)."""
-        xp = self.xp
         ropes = self.ropes(cache.begin(len(tokens)), cache)
-        h = self.embed_tokens[xp.asarray(tokens)].astype(xp.float32)
+        h = self.embed(tokens)
         for n, layer in enumerate(self.layers):
             h = self.block(h, layer, n, cache, ropes[n])
         cache.end()
-        if not all_logits:
-            h = h[-1:]
+        return self.logits(h if all_logits else h[-1:])
+
+    def embed(self, tokens: np.ndarray) -> Array:
+        return self.embed_tokens[self.xp.asarray(tokens)].astype(self.xp.float32)
+
+    def logits(self, h: Array) -> Array:
         return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
 
     def block(self, h: Array, layer: Layer, n: int, cache: KVCache, rope: Rope) -> Array:
@@ -135,7 +138,9 @@ class Llama:
     def mlp(self, x: Array, layer: Layer) -> Array:
         gate_up = linear(x, layer.gate_up_proj, layer.gate_up_bias)
         i = self.config.intermediate_size
-        return linear(silu(gate_up[:, :i]) * gate_up[:, i:], layer.down_proj, layer.down_bias)
+        act = silu(gate_up[:, :i])
+        act *= gate_up[:, i:]
+        return linear(act, layer.down_proj, layer.down_bias)
 
     def ropes(self, positions: np.ndarray, cache: KVCache) -> list[Rope]:
         """Each layer's Rope for this call; layers sharing a rotary and a ring share one."""

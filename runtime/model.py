@@ -69,6 +69,9 @@ def cache_spec(config: ModelConfig, options: LoadOptions) -> CacheSpec | HybridS
     slots without sinks for layers with a sliding window (HF's window mask is
     exactly such a ring). Layers that differ get one ring per span."""
     ctx = options.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    # a model with learned absolute positions (GPT-2) has none past its table: no larger cache
+    limit = getattr(config, "position_limit", None)
+    ctx = ctx if limit is None else min(ctx, limit)
     if ctx <= options.n_sink:
         raise ModelError(f"context of {ctx} tokens is too small (the cache keeps {options.n_sink} sink tokens)")
     spans = [(w, 0) if w is not None and w <= ctx else (ctx, options.n_sink) for w in config.layer_windows()]

@@ -485,3 +485,21 @@ def test_import_does_not_pull_in_torch() -> None:
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("arch, tied", [("qwen2", True), ("llama", False)])
+def test_our_runtime_runs_a_converted_gguf(tmp_path: Path, arch: str, tied: bool) -> None:
+    """The converted folder runs through our own architecture (Qwen2 with its q/k/v biases)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from conftest import hf_logits, load_net, prefill_logits
+
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_gguf(path, arch, tied=tied)
+    folder = convert_gguf_to_hf(path, tmp_path / "hf", progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    net, spec = load_net(folder)
+    assert type(net).__name__ == {"llama": "Llama", "qwen2": "Qwen2"}[arch]
+    ids = [5, 9, 100, 200, 3, 7, 11, 42]
+    assert np.abs(prefill_logits(net, spec, ids) - hf_logits(reference, ids)).max() <= 1e-4
