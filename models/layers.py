@@ -144,6 +144,21 @@ class Rotary:
         out.long_inv_freq = None
         return out
 
+    def matrix(self, cos: Array, sin: Array, head_dim: int) -> Array:
+        """R (head_dim, head_dim) with x @ R == apply(x, cos, sin) for one position's cos/sin (dim,).
+
+        rotate_half pairs dimension i with i + dim/2: out[i] = x[i] cos[i] - x[i+h] sin[i]
+        and out[i+h] = x[i+h] cos[i+h] + x[i] sin[i+h]; dimensions past `dim` pass through.
+        """
+        xp = self.xp
+        d, h = self.dim, self.dim // 2
+        r = xp.eye(head_dim, dtype=xp.float32)
+        idx = xp.arange(h)
+        r[xp.arange(d), xp.arange(d)] = cos
+        r[idx + h, idx] = -sin[:h]
+        r[idx, idx + h] = sin[h:]
+        return r
+
     def apply(self, x: Array, cos: Array, sin: Array) -> Array:
         """Rotate x of shape (heads, T, head_dim) by per-position cos/sin (T, dim)."""
         xp = self.xp

@@ -47,9 +47,21 @@ class Rope:
     cos: Array
     sin: Array
     sink: tuple[Array, Array] | None  # what the sinks see the queries at, once the ring wrapped
+    _matrix: Array | None = None
+    _sink_matrix: Array | None = None
 
     def apply(self, q: Array, k: Array) -> tuple[Array, Array, Array | None]:
         """q and k rotated, and q as the sink slots score it (None before the ring wraps)."""
+        if q.shape[1] == 1:
+            # a decode step: one position, so the rotation is one (d, d) matrix,
+            # made once per step and shared by every layer: one matmul per
+            # tensor instead of a handful of elementwise passes
+            if self._matrix is None:
+                self._matrix = self.rotary.matrix(self.cos[0], self.sin[0], q.shape[-1])
+                self._sink_matrix = self.rotary.matrix(self.sink[0][0], self.sink[1][0], q.shape[-1]) \
+                    if self.sink else None
+            q_sink = q @ self._sink_matrix if self.sink else None
+            return q @ self._matrix, k @ self._matrix, q_sink
         q_sink = self.rotary.apply(q, *self.sink) if self.sink else None
         return self.rotary.apply(q, self.cos, self.sin), self.rotary.apply(k, self.cos, self.sin), q_sink
 

@@ -39,30 +39,54 @@ def attend(q: Array, k: Array, v: Array, cache: KVCache, layer: int, *, scale: f
     n_kv = k.shape[0]
     group = n_q // n_kv
     k_old, v_old, widen = cache.keys_values(layer)
-    n_old = k_old.shape[1]
-    qg = (q * scale).reshape(n_kv, group * t, d)
-    new = qg @ k.transpose(0, 2, 1)  # (Hkv, G*T, T)
-    parts = [new]
-    if n_old:
-        old = cache.scores_buffer(group * t, n_old)
-        xp.matmul(qg * widen, k_old.transpose(0, 2, 1), out=old)
-        if q_sink is not None and cache.n_sink:
-            _score_sinks(old, q_sink, k_old, scale * widen, cache.n_sink)
-        parts.append(old)
-    for part in parts:
-        _softcap(xp, part, softcap)
-    _mask(xp, new, group, t, None)
-    if n_old and cache.old_mask is not None:
-        _mask(xp, parts[1], group, t, cache.old_mask)
-    _joint_softmax(xp, parts)
-
-    out = new @ v
-    if n_old:
-        parts[1] *= widen
-        out += parts[1] @ v_old
+    old = (k_old, v_old, widen, cache.old_mask) if k_old.shape[1] else None
+    qg = (q * scale).reshape(n_kv, group, t, d)
+    sinks = None
+    if old and q_sink is not None and cache.n_sink:
+        sinks = (q_sink * (scale * widen)).reshape(n_kv, group, t, d), cache.n_sink
+    out = xp.empty((n_kv, group, t, d), dtype=xp.float32)
+    # Blocks of queries: block [s, e) scores only the chunk's keys up to e, so
+    # the causal triangle costs about half the square, and each block's scores
+    # stay small enough to live in cache.
+    for s in range(0, t, QUERY_BLOCK):
+        e = min(t, s + QUERY_BLOCK)
+        out[:, :, s:e] = _attend_block(xp, qg[:, :, s:e], k[:, :e], v[:, :e], s, old, sinks, softcap)
     cache.store(layer, k, v)
-    # (Hkv, G*T, d) -> (Hq, T, d) -> (T, Hq*d)
+    # (Hkv, G, T, d) -> (Hq, T, d) -> (T, Hq*d); head h uses KV head h // G
     return out.reshape(n_q, t, d).transpose(1, 0, 2).reshape(t, n_q * d)
+
+
+QUERY_BLOCK = 128
+
+
+def _attend_block(xp: Any, q: Array, k: Array, v: Array, s: int, old: tuple | None,
+                  sinks: tuple[Array, int] | None, softcap: float | None) -> Array:
+    """Queries at chunk positions s..s+b (Hkv, G, b, d) over the chunk's keys up to
+    s+b (Hkv, s+b, d) and the cache before the chunk; returns (Hkv, G, b, d)."""
+    n_kv, group, b, d = q.shape
+    e = k.shape[1]
+    rows = q.reshape(n_kv, group * b, d)
+    new = rows @ k.transpose(0, 2, 1)  # (Hkv, G*b, e)
+    _softcap(xp, new, softcap)
+    _mask(xp, new, group, b, xp.triu(xp.ones((b, e), dtype=bool), k=s + 1))
+    parts = [new]
+    if old:
+        k_old, v_old, widen, old_mask = old
+        cached = (rows * widen) @ k_old.transpose(0, 2, 1)
+        if sinks:
+            q_sink, n_sink = sinks
+            _score_sinks(cached, q_sink[:, :, s:s + b].reshape(n_kv, group * b, d), k_old, n_sink)
+        _softcap(xp, cached, softcap)
+        if old_mask is not None:
+            _mask(xp, cached, group, b, old_mask[s:s + b])
+        parts.append(cached)
+    total = _joint_exp(xp, parts)
+    out = new @ v
+    if old:
+        parts[1] *= widen  # the probabilities up, the widened values' 2**-112 back
+        out += parts[1] @ v_old
+    out /= total
+    return out.reshape(n_kv, group, b, d)
 
 
 def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale: float,
@@ -78,7 +102,7 @@ def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale:
     scores = cache.scores_buffer(group, n)
     xp.matmul(q.reshape(n_kv, group, d) * (scale * widen), keys.transpose(0, 2, 1), out=scores)
     if q_sink is not None and cache.n_sink:
-        _score_sinks(scores, q_sink, keys, scale * widen, cache.n_sink)
+        _score_sinks(scores, (q_sink * (scale * widen)).reshape(n_kv, group, d), keys, cache.n_sink)
     _softcap(xp, scores, softcap)
     # exp(s - max) * widen: values scaled down by 2**-112 times weights scaled
     # up by as much keep every product a normal float32 (no denormals)
@@ -93,12 +117,10 @@ def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale:
     return out.reshape(1, n_q * d)
 
 
-def _score_sinks(scores: Array, q_sink: Array, keys: Array, scale: float, n_sink: int) -> None:
-    """Overwrite the sink columns with the scores of the sink-rotated queries."""
-    n_kv, rows, _ = scores.shape
+def _score_sinks(scores: Array, q_sink: Array, keys: Array, n_sink: int) -> None:
+    """Overwrite the sink columns with the scores of the sink-rotated (and scaled) queries."""
     s = min(n_sink, keys.shape[1])
-    qs = (q_sink * scale).reshape(n_kv, rows, q_sink.shape[-1])
-    scores[:, :, :s] = qs @ keys[:, :s].transpose(0, 2, 1)
+    scores[:, :, :s] = q_sink @ keys[:, :s].transpose(0, 2, 1)
 
 
 def _softcap(xp: Any, scores: Array, softcap: float | None) -> None:
@@ -108,21 +130,17 @@ def _softcap(xp: Any, scores: Array, softcap: float | None) -> None:
         scores *= softcap
 
 
-def _mask(xp: Any, scores: Array, group: int, t: int, hidden: Array | None) -> None:
-    """-inf where a query may not look: the future of this call's own tokens (hidden
-    None), or the (T, n_old) `hidden` slots of the cache."""
-    if hidden is None:
-        if t == 1:
-            return
-        hidden = xp.triu(xp.ones((t, t), dtype=bool), k=1)
+def _mask(xp: Any, scores: Array, group: int, t: int, hidden: Array) -> None:
+    """-inf where a query may not look: `hidden` (t, cols) True, for each of the group's heads."""
     view = scores.reshape(scores.shape[0], group, t, scores.shape[-1])
     # copyto(where=) rather than boolean indexing: CuPy sizes a boolean index on
     # the host, which would make every layer wait for the GPU
     xp.copyto(view, -float("inf"), where=hidden)
 
 
-def _joint_softmax(xp: Any, parts: list[Array]) -> None:
-    """Softmax over the last axis of several score blocks as if concatenated, in place."""
+def _joint_exp(xp: Any, parts: list[Array]) -> Array:
+    """exp(score - row max) in place over several score blocks as if concatenated;
+    returns the row sums, which the caller divides the (smaller) output by."""
     peak = parts[0].max(axis=-1, keepdims=True)
     for part in parts[1:]:
         xp.maximum(peak, part.max(axis=-1, keepdims=True), out=peak)
@@ -131,6 +149,4 @@ def _joint_softmax(xp: Any, parts: list[Array]) -> None:
         part -= peak
         xp.exp(part, out=part)
         total += part.sum(axis=-1, keepdims=True)
-    xp.divide(1.0, total, out=total)
-    for part in parts:
-        part *= total
+    return total
