@@ -66,6 +66,43 @@ def hf_speeds(folder: Path, prompt: int, gen: int, depth: int, repeats: int) -> 
     return {k: statistics.fmean(v) for k, v in out.items()}
 
 
+# The child reports its own peak RSS: VmHWM belongs to the process image after exec,
+# while getrusage's ru_maxrss would include the parent's pages it was forked with.
+_CHILD = """
+import atexit, runpy, sys
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("PEAK_RSS_KB " + line.split()[1] + "\\n")
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def startup_and_memory(model: "runtime.Model", tokens: int = 128) -> dict[str, float]:
+    """`cli.py generate` as a user runs it, in a child process: seconds from its
+    start to the first answer byte on stdout, and its peak RSS against weights +
+    KV cache (default context and cache)."""
+    import subprocess
+
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    command = [sys.executable, "-c", _CHILD, str(cli), "generate", "--prompt",
+               "Tell me a long story about a robot.", "--max-tokens", str(tokens), "--ignore-eos"]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.read(1)
+    first = time.perf_counter() - start
+    child.stdout.read()
+    err = child.stderr.read().decode()
+    child.wait()
+    peak_kb = max(int(line.split()[1]) for line in err.splitlines() if line.startswith("PEAK_RSS_KB"))
+    weights = sum(int(np.prod(s)) for s in model.net.expected_shapes(model.config).values()) * 4
+    kv = runtime.load(kv_dtype="float16", progress=False).cache_spec.nbytes
+    return {"first_token_s": first, "peak_rss_mb": peak_kb / 1024, "weights_mb": weights / 2**20,
+            "kv_mb": kv / 2**20, "budget_mb": (weights + kv) / 2**20 + 300}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -101,6 +138,10 @@ def main() -> None:
     for kv in models:
         hf_for[f"decode @ {args.depth} (kv {kv})"] = hf.get("decode_depth")
 
+    startup = startup_and_memory(m32)
+    print(f"# cli.py generate: first token after {startup['first_token_s']:.2f} s; peak RSS "
+          f"{startup['peak_rss_mb']:.0f} MB vs weights {startup['weights_mb']:.0f} MB + KV "
+          f"{startup['kv_mb']:.0f} MB + 300 MB = {startup['budget_mb']:.0f} MB")
     print("\n| test | ours tokens/s | HF tokens/s | ours / HF | floor tokens/s | ours / floor |")
     print("|---|---|---|---|---|---|")
     for name, value in ours.items():
