@@ -91,18 +91,21 @@ def _attend_block(xp: Any, q: Array, k: Array, v: Array, s: int, old: tuple | No
 
 def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale: float,
                 softcap: float | None, q_sink: Array | None) -> Array:
-    """One query per head: store first, then one softmax over the whole ring."""
+    """One query per head: store first, then one softmax over the whole ring,
+    reading the cache block by block (see KVCache.blocks)."""
     xp = cache.xp
     n_q, _, d = q.shape
     n_kv = k.shape[0]
     group = n_q // n_kv
     cache.store(layer, k, v)
-    keys, values, widen = cache.keys_values(layer, cache.n_after)
-    n = keys.shape[1]
+    n = cache.n_after
+    widen = cache.widen_factor
     scores = cache.scores_buffer(group, n)
-    xp.matmul(q.reshape(n_kv, group, d) * (scale * widen), keys.transpose(0, 2, 1), out=scores)
-    if q_sink is not None and cache.n_sink:
-        _score_sinks(scores, (q_sink * (scale * widen)).reshape(n_kv, group, d), keys, cache.n_sink)
+    qs = q.reshape(n_kv, group, d) * (scale * widen)
+    for start, end, keys in cache.blocks(layer, n):
+        xp.matmul(qs, keys.transpose(0, 2, 1), out=scores[:, :, start:end])
+        if start == 0 and q_sink is not None and cache.n_sink:
+            _score_sinks(scores, (q_sink * (scale * widen)).reshape(n_kv, group, d), keys, cache.n_sink)
     _softcap(xp, scores, softcap)
     # exp(s - max) * widen: values scaled down by 2**-112 times weights scaled
     # up by as much keep every product a normal float32 (no denormals)
@@ -112,7 +115,10 @@ def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale:
     xp.exp(scores, out=scores)
     # normalize the (Hkv, G, d) output rather than the n scores
     total = scores.sum(axis=-1, keepdims=True)
-    out = scores @ values
+    out = None
+    for start, end, values in cache.blocks(layer, n, values=True):
+        part = scores[:, :, start:end] @ values
+        out = part if out is None else xp.add(out, part, out=out)
     out *= widen / total
     return out.reshape(1, n_q * d)
 
