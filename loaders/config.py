@@ -59,17 +59,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        if not isinstance(raw, dict):
-            raise ModelError(f"{source}: expected a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in names}
-        if "torch_dtype" not in values and isinstance(raw.get("dtype"), str):
-            values["torch_dtype"] = raw["dtype"]  # transformers 5 renamed the key
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [k for k in required if values.get(k) is None]
-        if missing:
-            raise ModelError(f"{source}: missing required key(s): {', '.join(missing)}")
+        values = declared_keys(cls, raw, source)
         # the sizes first, so that the derived defaults below only ever divide positive integers
         for key in (*_SIZES, *_OPTIONAL_SIZES):
             if values.get(key) is not None:
@@ -131,6 +121,24 @@ class ModelConfig:
     @property
     def eos_ids(self) -> list[int]:
         return _as_list(self.eos_token_id)
+
+
+def declared_keys(cls: type, raw: Any, source: str) -> dict[str, Any]:
+    """The config.json keys a config dataclass declares (the rest ignored, as
+    mlx-lm does), with transformers 5's `dtype` read as torch_dtype; a
+    ModelError when a required one is missing."""
+    if not isinstance(raw, dict):
+        raise ModelError(f"{source}: expected a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in raw.items() if k in names}
+    if "torch_dtype" not in values and isinstance(raw.get("dtype"), str):
+        values["torch_dtype"] = raw["dtype"]  # transformers 5 renamed the key
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if values.get(k) is None]
+    if missing:
+        raise ModelError(f"{source}: missing required key(s): {', '.join(missing)}")
+    return values
 
 
 def _normalize_rope(values: dict[str, Any], source: str) -> None:

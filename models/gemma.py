@@ -239,20 +239,13 @@ class Gemma2(Llama):
 
 class Gemma3Text(Gemma2):
     config_class = Gemma3TextConfig
+    qk_norm = True
 
     def __init__(self, config: Gemma3TextConfig, backend: Backend, weights: dict[str, Any]) -> None:
         super().__init__(config, backend, weights)
         self.attn_softcap = None  # HF's Gemma 3 attention passes no cap, whatever config.json says
         local = Rotary(self.xp, config.head_dim, config.rope_local_base_freq, config.rope_local_scaling)
         self.rotaries = [local if t == "sliding_attention" else self.rotary for t in config.layer_types]
-
-    @classmethod
-    def expected_shapes(cls, c: ModelConfig) -> dict[str, tuple[int, ...]]:
-        shapes = super().expected_shapes(c)
-        for n in range(c.num_hidden_layers):
-            p = f"model.layers.{n}.self_attn."
-            shapes.update({p + "q_norm.weight": (c.head_dim,), p + "k_norm.weight": (c.head_dim,)})
-        return shapes
 
 
 def _optional_float(value: float | None) -> float | None:

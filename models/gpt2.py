@@ -17,13 +17,12 @@ Two things differ from the Llama family:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from loaders.config import MAX_LAYERS, _as_list, _check_number, _check_size, _divide, _is_int, _short
+from loaders.config import MAX_LAYERS, _as_list, _check_number, _check_size, _divide, _is_int, _short, declared_keys
 from loaders.errors import ModelError
 from loaders.safetensors import Checkpoint
 from models.layers import gelu_tanh, layer_norm, linear
@@ -67,17 +66,7 @@ class GPT2Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "GPT2Config":
-        if not isinstance(raw, dict):
-            raise ModelError(f"{source}: expected a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in names}
-        if "torch_dtype" not in values and isinstance(raw.get("dtype"), str):
-            values["torch_dtype"] = raw["dtype"]  # transformers 5 renamed the key
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [k for k in required if values.get(k) is None]
-        if missing:
-            raise ModelError(f"{source}: missing required key(s): {', '.join(missing)}")
-        config = cls(**values)
+        config = cls(**declared_keys(cls, raw, source))
         config.validate(source)
         return config
 

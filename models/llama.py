@@ -70,6 +70,7 @@ class Llama:
     """A Llama-family decoder; `forward` runs tokens through it and its KV cache."""
 
     config_class = ModelConfig
+    qk_norm = False  # per-head RMSNorm of queries and keys (Qwen3, Gemma 3)
 
     def __init__(self, config: ModelConfig, backend: Backend, weights: dict[str, Any]) -> None:
         self.config = config
@@ -106,6 +107,8 @@ class Llama:
             if c.attention_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q * d,), p + "self_attn.k_proj.bias": (kv * d,),
                                p + "self_attn.v_proj.bias": (kv * d,), p + "self_attn.o_proj.bias": (h,)})
+            if cls.qk_norm:
+                shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
             if c.mlp_bias:
                 shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,),
                                p + "mlp.down_proj.bias": (h,)})

@@ -45,11 +45,4 @@ class Qwen2(Llama):
 
 class Qwen3(Llama):
     config_class = Qwen2Config
-
-    @classmethod
-    def expected_shapes(cls, c: ModelConfig) -> dict[str, tuple[int, ...]]:
-        shapes = super().expected_shapes(c)
-        for n in range(c.num_hidden_layers):
-            p = f"model.layers.{n}.self_attn."
-            shapes.update({p + "q_norm.weight": (c.head_dim,), p + "k_norm.weight": (c.head_dim,)})
-        return shapes
+    qk_norm = True
