@@ -63,13 +63,13 @@ class ModelConfig:
         # the sizes first, so that the derived defaults below only ever divide positive integers
         for key in (*_SIZES, *_OPTIONAL_SIZES):
             if values.get(key) is not None:
-                _check_size(key, values[key], source)
+                check_size(key, values[key], source)
         _normalize_rope(values, source)
         _normalize_longrope(values, raw, cls.max_position_embeddings)
         if values.get("num_key_value_heads") is None:
             values["num_key_value_heads"] = values["num_attention_heads"]
         if values.get("head_dim") is None:
-            values["head_dim"] = _divide(values["hidden_size"], values["num_attention_heads"],
+            values["head_dim"] = divide(values["hidden_size"], values["num_attention_heads"],
                                          "hidden_size", "num_attention_heads", source)
         config = cls(**values)
         config.validate(source)
@@ -78,34 +78,34 @@ class ModelConfig:
     def validate(self, source: str) -> None:
         """Every field's type and range; a ModelError naming `source` and the key otherwise."""
         if not isinstance(self.model_type, str):
-            raise ModelError(f"{source}: model_type must be a string, got {_short(self.model_type)}")
+            raise ModelError(f"{source}: model_type must be a string, got {short(self.model_type)}")
         for key in (*_SIZES, *_OPTIONAL_SIZES):
-            _check_size(key, getattr(self, key), source)
+            check_size(key, getattr(self, key), source)
         for key in ("num_attention_heads", "num_key_value_heads"):
             if getattr(self, key) * self.head_dim > MAX_SIZE:
                 raise ModelError(f"{source}: {key} x head_dim = {getattr(self, key) * self.head_dim:,} "
                                  f"is implausibly large (limit {MAX_SIZE:,})")
-        _divide(self.num_attention_heads, self.num_key_value_heads,
+        divide(self.num_attention_heads, self.num_key_value_heads,
                 "num_attention_heads", "num_key_value_heads", source)
         if self.sliding_window is not None:
-            _check_size("sliding_window", self.sliding_window, source)
+            check_size("sliding_window", self.sliding_window, source)
         if self.layer_types is not None:
             _check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window, source)
-        _check_number("rope_theta", self.rope_theta, source, positive=True)
-        _check_number("rms_norm_eps", self.rms_norm_eps, source, positive=False)
+        check_number("rope_theta", self.rope_theta, source, positive=True)
+        check_number("rms_norm_eps", self.rms_norm_eps, source, positive=False)
         for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, key), bool):
-                raise ModelError(f"{source}: {key} must be true or false, got {_short(getattr(self, key))}")
+                raise ModelError(f"{source}: {key} must be true or false, got {short(getattr(self, key))}")
         for key in ("bos_token_id", "eos_token_id"):
             value = getattr(self, key)
             ids = value if isinstance(value, list) else [] if value is None else [value]
-            if not all(_is_int(i) for i in ids):
+            if not all(is_int(i) for i in ids):
                 raise ModelError(f"{source}: {key} must be a token id or a list of token ids, "
-                                 f"got {_short(value)}")
+                                 f"got {short(value)}")
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            raise ModelError(f"{source}: torch_dtype must be a string, got {_short(self.torch_dtype)}")
+            raise ModelError(f"{source}: torch_dtype must be a string, got {short(self.torch_dtype)}")
         if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling, "rope_scaling", source, self.rotary_dim)
+            check_rope_scaling(self.rope_scaling, "rope_scaling", source, self.rotary_dim)
 
     def layer_windows(self) -> list[int | None]:
         """Each layer's sliding window, None for a layer that sees the whole context."""
@@ -120,7 +120,7 @@ class ModelConfig:
 
     @property
     def eos_ids(self) -> list[int]:
-        return _as_list(self.eos_token_id)
+        return as_list(self.eos_token_id)
 
 
 def declared_keys(cls: type, raw: Any, source: str) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def _normalize_rope(values: dict[str, Any], source: str) -> None:
     # older configs write rope_theta and rope_scaling. The model reads the latter.
     params = values.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
-        raise ModelError(f"{source}: rope_parameters must be an object, got {_short(params)}")
+        raise ModelError(f"{source}: rope_parameters must be an object, got {short(params)}")
     if not params or "rope_theta" not in params:
         return
     values["rope_theta"] = params["rope_theta"]
@@ -156,23 +156,23 @@ def _normalize_rope(values: dict[str, Any], source: str) -> None:
 
 def _rope_type(scaling: Any, key: str, source: str) -> str:
     if not isinstance(scaling, dict):
-        raise ModelError(f"{source}: {key} must be an object, got {_short(scaling)}")
+        raise ModelError(f"{source}: {key} must be an object, got {short(scaling)}")
     field = "rope_type" if "rope_type" in scaling else "type"
     kind = scaling.get(field, "default")
     if kind not in ROPE_TYPES:  # a list or a dict is simply not in the tuple
-        raise ModelError(f"{source}: unsupported {key} type {_short(kind)} "
+        raise ModelError(f"{source}: unsupported {key} type {short(kind)} "
                          f"(key '{key}.{field}'; supported: {', '.join(ROPE_TYPES)})")
     return kind
 
 
-def _check_rope_scaling(scaling: Any, key: str, source: str, rotary_dim: int | None = None) -> None:
+def check_rope_scaling(scaling: Any, key: str, source: str, rotary_dim: int | None = None) -> None:
     """The parameters the rotary embedding reads: present, numbers, and sane."""
     kind = _rope_type(scaling, key, source)
     for name in _ROPE_KEYS[kind]:
         if name not in scaling:
             raise ModelError(f"{source}: {key} of type {kind!r} needs '{name}'")
         if name not in _LONGROPE_LISTS:
-            _check_number(f"{key}.{name}", scaling[name], source, positive=True)
+            check_number(f"{key}.{name}", scaling[name], source, positive=True)
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ModelError(f"{source}: {key}.high_freq_factor ({scaling['high_freq_factor']!r}) must be greater "
                          f"than {key}.low_freq_factor ({scaling['low_freq_factor']!r})")
@@ -182,12 +182,12 @@ def _check_rope_scaling(scaling: Any, key: str, source: str, rotary_dim: int | N
 
 def _check_longrope(scaling: dict[str, Any], key: str, source: str, rotary_dim: int | None) -> None:
     original = scaling["original_max_position_embeddings"]
-    if not _is_int(original) or original < 2:  # its log divides the default attention factor
+    if not is_int(original) or original < 2:  # its log divides the default attention factor
         raise ModelError(f"{source}: {key}.original_max_position_embeddings must be an integer >= 2, "
-                         f"got {_short(original)}")
+                         f"got {short(original)}")
     for name in ("factor", "attention_factor"):  # optional: null is the same as absent, as in HF
         if scaling.get(name) is not None:
-            _check_number(f"{key}.{name}", scaling[name], source, positive=True)
+            check_number(f"{key}.{name}", scaling[name], source, positive=True)
     for name in _LONGROPE_LISTS:
         factors = scaling[name]
         size = len(factors) if isinstance(factors, list) else -1
@@ -196,7 +196,7 @@ def _check_longrope(scaling: dict[str, Any], key: str, source: str, rotary_dim: 
         if not numbers or (rotary_dim is not None and size != rotary_dim // 2):
             count = "" if rotary_dim is None else f"{rotary_dim // 2} "
             raise ModelError(f"{source}: {key}.{name} must be a list of {count}positive numbers "
-                             f"(one per rotary frequency), got {_short(factors)}")
+                             f"(one per rotary frequency), got {short(factors)}")
 
 
 def _normalize_longrope(values: dict[str, Any], raw: dict[str, Any], default_max_positions: int) -> None:
@@ -233,46 +233,46 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 def _check_layer_types(types: Any, layers: int, window: int | None, source: str) -> None:
     if not isinstance(types, list) or len(types) != layers:
         raise ModelError(f"{source}: layer_types must be a list of {layers} entries (one per layer), "
-                         f"got {_short(types)}")
+                         f"got {short(types)}")
     for t in types:
         if t not in LAYER_TYPES:
-            raise ModelError(f"{source}: unsupported layer type {_short(t)} in layer_types "
+            raise ModelError(f"{source}: unsupported layer type {short(t)} in layer_types "
                              f"(supported: {', '.join(LAYER_TYPES)})")
     if "sliding_attention" in types and window is None:
         raise ModelError(f"{source}: layer_types has sliding_attention layers but sliding_window is not set")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_size(key: str, value: Any, source: str) -> None:
-    if not _is_int(value) or value <= 0:
-        raise ModelError(f"{source}: {key} must be a positive integer, got {_short(value)}")
+def check_size(key: str, value: Any, source: str) -> None:
+    if not is_int(value) or value <= 0:
+        raise ModelError(f"{source}: {key} must be a positive integer, got {short(value)}")
     limit = MAX_LAYERS if key == "num_hidden_layers" else MAX_SIZE
     if value > limit:
         raise ModelError(f"{source}: {key} = {value:,} is implausibly large (limit {limit:,})")
 
 
-def _check_number(key: str, value: Any, source: str, positive: bool) -> None:
+def check_number(key: str, value: Any, source: str, positive: bool) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (value <= 0 if positive else value < 0):
         what = "a positive number" if positive else "a non-negative number"
-        raise ModelError(f"{source}: {key} must be {what}, got {_short(value)}")
+        raise ModelError(f"{source}: {key} must be {what}, got {short(value)}")
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def _divide(a: int, b: int, name_a: str, name_b: str, source: str) -> int:
+def divide(a: int, b: int, name_a: str, name_b: str, source: str) -> int:
     if a % b:  # both already checked to be positive integers
         raise ModelError(f"{source}: {name_a}={a!r} is not divisible by {name_b}={b!r}")
     return a // b
 
 
-def _as_list(value: int | list[int] | None) -> list[int]:
+def as_list(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else list(value)
@@ -291,7 +291,7 @@ def read_json(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise ModelError(f"{path}: not a readable JSON file (nested too deeply)") from None
     except ValueError as exc:  # JSONDecodeError, or a number with thousands of digits
-        raise ModelError(f"{path}: not a readable JSON file ({_short(' '.join(str(exc).split()), 200)})") from None
+        raise ModelError(f"{path}: not a readable JSON file ({short(' '.join(str(exc).split()), 200)})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return data

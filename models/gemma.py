@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from loaders.config import LAYER_TYPES, ModelConfig, _check_number, _check_rope_scaling, _short
+from loaders.config import LAYER_TYPES, ModelConfig, check_number, check_rope_scaling, short
 from loaders.errors import ModelError
 from loaders.safetensors import Checkpoint
 from models.layers import Rotary, gelu_tanh, linear, rms_norm
@@ -76,12 +76,12 @@ class Gemma2Config(ModelConfig):
             raise ModelError(f"{source}: use_bidirectional_attention is set: an encoder (EmbeddingGemma), "
                              "not a causal language model")
         if self.hidden_activation not in GELU_TANH:
-            raise ModelError(f"{source}: unsupported hidden_activation {_short(self.hidden_activation)} "
+            raise ModelError(f"{source}: unsupported hidden_activation {short(self.hidden_activation)} "
                              f"(supported: {', '.join(GELU_TANH)})")
-        _check_number("query_pre_attn_scalar", self.query_pre_attn_scalar, source, positive=True)
+        check_number("query_pre_attn_scalar", self.query_pre_attn_scalar, source, positive=True)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(self, key) is not None:
-                _check_number(key, getattr(self, key), source, positive=True)
+                check_number(key, getattr(self, key), source, positive=True)
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,12 @@ class Gemma3TextConfig(Gemma2Config):
 
     def validate(self, source: str) -> None:
         super().validate(source)
-        _check_number("rope_local_base_freq", self.rope_local_base_freq, source, positive=True)
+        check_number("rope_local_base_freq", self.rope_local_base_freq, source, positive=True)
         if self.rope_local_scaling is not None:
-            _check_rope_scaling(self.rope_local_scaling, "rope_parameters.sliding_attention", source)
+            check_rope_scaling(self.rope_local_scaling, "rope_parameters.sliding_attention", source)
         pattern = self.sliding_window_pattern
         if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 1:
-            raise ModelError(f"{source}: sliding_window_pattern must be a positive integer, got {_short(pattern)}")
+            raise ModelError(f"{source}: sliding_window_pattern must be a positive integer, got {short(pattern)}")
 
 
 def _every_nth_global(layers: int, n: int) -> list[str]:
@@ -136,7 +136,7 @@ def _rope_block(params: dict[str, Any], kind: str, source: str) -> dict[str, Any
     if block is None:
         return {}
     if not isinstance(block, dict):
-        raise ModelError(f"{source}: rope_parameters.{kind} must be an object, got {_short(block)}")
+        raise ModelError(f"{source}: rope_parameters.{kind} must be an object, got {short(block)}")
     return block
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.config import MAX_LAYERS, _as_list, _check_number, _check_size, _divide, _is_int, _short, declared_keys
+from loaders.config import MAX_LAYERS, as_list, check_number, check_size, divide, is_int, short, declared_keys
 from loaders.errors import ModelError
 from loaders.safetensors import Checkpoint
 from models.layers import gelu_tanh, layer_norm, linear
@@ -73,28 +73,28 @@ class GPT2Config:
     def validate(self, source: str) -> None:
         """Every field's type and range; a ModelError naming `source` and the key otherwise."""
         if not isinstance(self.model_type, str):
-            raise ModelError(f"{source}: model_type must be a string, got {_short(self.model_type)}")
+            raise ModelError(f"{source}: model_type must be a string, got {short(self.model_type)}")
         for key in _SIZES:
-            _check_size(key, getattr(self, key), source)
+            check_size(key, getattr(self, key), source)
         if self.n_layer > MAX_LAYERS:  # before expected_shapes builds an entry per layer
             raise ModelError(f"{source}: n_layer = {self.n_layer:,} is implausibly large (limit {MAX_LAYERS:,})")
         if self.n_inner is not None:
-            _check_size("n_inner", self.n_inner, source)
-        _divide(self.n_embd, self.n_head, "n_embd", "n_head", source)
+            check_size("n_inner", self.n_inner, source)
+        divide(self.n_embd, self.n_head, "n_embd", "n_head", source)
         if self.activation_function not in ACTIVATIONS:
-            raise ModelError(f"{source}: unsupported activation_function {_short(self.activation_function)} "
+            raise ModelError(f"{source}: unsupported activation_function {short(self.activation_function)} "
                              f"(supported: {', '.join(ACTIVATIONS)})")
-        _check_number("layer_norm_epsilon", self.layer_norm_epsilon, source, positive=False)
+        check_number("layer_norm_epsilon", self.layer_norm_epsilon, source, positive=False)
         for key in _FLAGS:
             if not isinstance(getattr(self, key), bool):
-                raise ModelError(f"{source}: {key} must be true or false, got {_short(getattr(self, key))}")
+                raise ModelError(f"{source}: {key} must be true or false, got {short(getattr(self, key))}")
         for key in ("bos_token_id", "eos_token_id"):
             value = getattr(self, key)
             ids = value if isinstance(value, list) else [] if value is None else [value]
-            if not all(_is_int(i) for i in ids):
-                raise ModelError(f"{source}: {key} must be a token id or a list of token ids, got {_short(value)}")
+            if not all(is_int(i) for i in ids):
+                raise ModelError(f"{source}: {key} must be a token id or a list of token ids, got {short(value)}")
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            raise ModelError(f"{source}: torch_dtype must be a string, got {_short(self.torch_dtype)}")
+            raise ModelError(f"{source}: torch_dtype must be a string, got {short(self.torch_dtype)}")
 
     # -- the names the rest of the runtime reads --------------------------------
     @property
@@ -139,7 +139,7 @@ class GPT2Config:
 
     @property
     def eos_ids(self) -> list[int]:
-        return _as_list(self.eos_token_id)
+        return as_list(self.eos_token_id)
 
 
 @dataclass

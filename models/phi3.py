@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 from weakref import WeakKeyDictionary
 
-from loaders.config import ModelConfig, _check_number, _check_size
+from loaders.config import ModelConfig, check_number, check_size
 from loaders.errors import ModelError
 from loaders.safetensors import Checkpoint
 from models.llama import Layer, Llama, WeightReader
@@ -58,15 +58,15 @@ class Phi3Config(ModelConfig):
         return super().from_dict(_phi3_keys(raw) if isinstance(raw, dict) else raw, source)
 
     def validate(self, source: str) -> None:
-        _check_size("head_dim", self.head_dim, source)
+        check_size("head_dim", self.head_dim, source)
         # before the rope checks, which read rotary_dim
-        _check_number("partial_rotary_factor", self.partial_rotary_factor, source, positive=True)
+        check_number("partial_rotary_factor", self.partial_rotary_factor, source, positive=True)
         if self.partial_rotary_factor > 1.0:
             raise ModelError(f"{source}: partial_rotary_factor must be at most 1, got {self.partial_rotary_factor!r}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ModelError(f"{source}: partial_rotary_factor={self.partial_rotary_factor!r} of head_dim="
                              f"{self.head_dim} rotates {self.rotary_dim} dimensions; it must be an even number")
-        _check_size("original_max_position_embeddings", self.original_max_position_embeddings, source)
+        check_size("original_max_position_embeddings", self.original_max_position_embeddings, source)
         super().validate(source)
 
     @property
