@@ -93,17 +93,8 @@ class ModelConfig:
             _check_layer_types(self.layer_types, self.num_hidden_layers, self.sliding_window, source)
         check_number("rope_theta", self.rope_theta, source, positive=True)
         check_number("rms_norm_eps", self.rms_norm_eps, source, positive=False)
-        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-            if not isinstance(getattr(self, key), bool):
-                raise ModelError(f"{source}: {key} must be true or false, got {short(getattr(self, key))}")
-        for key in ("bos_token_id", "eos_token_id"):
-            value = getattr(self, key)
-            ids = value if isinstance(value, list) else [] if value is None else [value]
-            if not all(is_int(i) for i in ids):
-                raise ModelError(f"{source}: {key} must be a token id or a list of token ids, "
-                                 f"got {short(value)}")
-        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            raise ModelError(f"{source}: torch_dtype must be a string, got {short(self.torch_dtype)}")
+        check_flags(self, ("tie_word_embeddings", "attention_bias", "mlp_bias"), source)
+        check_ids_and_dtype(self, source)
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, "rope_scaling", source, self.rotary_dim)
 
@@ -240,6 +231,23 @@ def _check_layer_types(types: Any, layers: int, window: int | None, source: str)
                              f"(supported: {', '.join(LAYER_TYPES)})")
     if "sliding_attention" in types and window is None:
         raise ModelError(f"{source}: layer_types has sliding_attention layers but sliding_window is not set")
+
+
+def check_flags(config: Any, keys: tuple[str, ...], source: str) -> None:
+    for key in keys:
+        if not isinstance(getattr(config, key), bool):
+            raise ModelError(f"{source}: {key} must be true or false, got {short(getattr(config, key))}")
+
+
+def check_ids_and_dtype(config: Any, source: str) -> None:
+    """bos/eos_token_id (an id or a list of ids) and torch_dtype (a string), where set."""
+    for key in ("bos_token_id", "eos_token_id"):
+        value = getattr(config, key)
+        ids = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(is_int(i) for i in ids):
+            raise ModelError(f"{source}: {key} must be a token id or a list of token ids, got {short(value)}")
+    if config.torch_dtype is not None and not isinstance(config.torch_dtype, str):
+        raise ModelError(f"{source}: torch_dtype must be a string, got {short(config.torch_dtype)}")
 
 
 def is_int(value: Any) -> bool:

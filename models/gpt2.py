@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from loaders.config import MAX_LAYERS, as_list, check_number, check_size, divide, is_int, short, declared_keys
+from loaders.config import (MAX_LAYERS, as_list, check_flags, check_ids_and_dtype, check_number, check_size,
+                            declared_keys, divide, short)
 from loaders.errors import ModelError
 from loaders.safetensors import Checkpoint
 from models.layers import gelu_tanh, layer_norm, linear
@@ -85,16 +86,8 @@ class GPT2Config:
             raise ModelError(f"{source}: unsupported activation_function {short(self.activation_function)} "
                              f"(supported: {', '.join(ACTIVATIONS)})")
         check_number("layer_norm_epsilon", self.layer_norm_epsilon, source, positive=False)
-        for key in _FLAGS:
-            if not isinstance(getattr(self, key), bool):
-                raise ModelError(f"{source}: {key} must be true or false, got {short(getattr(self, key))}")
-        for key in ("bos_token_id", "eos_token_id"):
-            value = getattr(self, key)
-            ids = value if isinstance(value, list) else [] if value is None else [value]
-            if not all(is_int(i) for i in ids):
-                raise ModelError(f"{source}: {key} must be a token id or a list of token ids, got {short(value)}")
-        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            raise ModelError(f"{source}: torch_dtype must be a string, got {short(self.torch_dtype)}")
+        check_flags(self, _FLAGS, source)
+        check_ids_and_dtype(self, source)
 
     # -- the names the rest of the runtime reads --------------------------------
     @property
