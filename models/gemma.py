@@ -28,7 +28,7 @@ import numpy as np
 from loaders.config import LAYER_TYPES, ModelConfig, check_number, check_rope_scaling, short
 from loaders.errors import ModelError
 from loaders.safetensors import Checkpoint
-from models.layers import Rotary, gelu_tanh, linear, rms_norm
+from models.layers import Rotary, gelu_tanh, rms_norm
 from models.llama import Layer, Llama, Rope, WeightReader, load_weights
 from runtime.backend import Backend
 from runtime.kv_cache import KVCache
@@ -175,6 +175,7 @@ def gemma_layer(layer: Layer, prefix: str, norm: Callable[[str], Array]) -> Gemm
 
 class Gemma2(Llama):
     config_class = Gemma2Config
+    activation = staticmethod(gelu_tanh)  # GeGLU
 
     def __init__(self, config: Gemma2Config, backend: Backend, weights: dict[str, Any]) -> None:
         super().__init__(config, backend, weights)
@@ -228,13 +229,6 @@ class Gemma2(Llama):
         h = h + rms_norm(attn, layer.post_attention_layernorm, eps)
         mlp = self.mlp(rms_norm(h, layer.pre_feedforward_layernorm, eps), layer)
         return h + rms_norm(mlp, layer.post_feedforward_layernorm, eps)
-
-    def mlp(self, x: Array, layer: Layer) -> Array:
-        gate_up = linear(x, layer.gate_up_proj, layer.gate_up_bias)
-        i = self.config.intermediate_size
-        act = gelu_tanh(gate_up[:, :i])
-        act *= gate_up[:, i:]
-        return linear(act, layer.down_proj, layer.down_bias)
 
 
 class Gemma3Text(Gemma2):

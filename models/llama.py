@@ -71,6 +71,7 @@ class Llama:
 
     config_class = ModelConfig
     qk_norm = False  # per-head RMSNorm of queries and keys (Qwen3, Gemma 3)
+    activation = staticmethod(silu)  # of the gated MLP: SwiGLU; Gemma's GeGLU swaps it
 
     def __init__(self, config: ModelConfig, backend: Backend, weights: dict[str, Any]) -> None:
         self.config = config
@@ -153,7 +154,7 @@ class Llama:
     def mlp(self, x: Array, layer: Layer) -> Array:
         gate_up = linear(x, layer.gate_up_proj, layer.gate_up_bias)
         i = self.config.intermediate_size
-        act = silu(gate_up[:, :i])
+        act = self.activation(gate_up[:, :i])
         act *= gate_up[:, i:]
         return linear(act, layer.down_proj, layer.down_bias)
 
