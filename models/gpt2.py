@@ -265,9 +265,9 @@ class _ConvReader(WeightReader):
         return super().__call__(*map(self.name, names))
 
     def conv(self, name: str) -> Array:
-        """A Conv1D weight (in, out) as (out, in), made contiguous once here rather than per matmul."""
-        host = np.ascontiguousarray(self.host(self.name(name)).T)
-        return self.backend.asarray(host, self.backend.weight_dtype)
+        """A Conv1D weight (in, out) as (out, in), in the backend's matrix layout (made once here)."""
+        name = self.name(name)
+        return self.backend.matrix([self.ckpt.get(name, self.shapes[name], copy=False).T], self.backend.weight_dtype)
 
     def name(self, name: str) -> str:
         # lm_head sits outside the transformer in GPT2LMHeadModel: never prefixed

@@ -188,7 +188,8 @@ def split_heads(qkv: Array, n_q: int, n_kv: int, d: int) -> tuple[Array, Array, 
 
 
 class WeightReader:
-    """Reads checkpoint tensors at the shapes `expected_shapes` lists, fusing and uploading them."""
+    """Reads checkpoint tensors at the shapes `expected_shapes` lists, fusing and
+    uploading them (matrices in the backend's layout, see Backend.matrix)."""
 
     def __init__(self, ckpt: Checkpoint, backend: Backend, shapes: dict[str, tuple[int, ...]]) -> None:
         self.ckpt, self.backend, self.shapes = ckpt, backend, shapes
@@ -198,6 +199,9 @@ class WeightReader:
 
     def __call__(self, *names: str) -> Array:
         """The tensors stacked on axis 0 (one name: the tensor itself), on the device."""
+        if len(self.shapes[names[0]]) == 2:  # read from the file's map: matrix() makes the one copy
+            return self.backend.matrix([self.ckpt.get(n, self.shapes[n], copy=False) for n in names],
+                                       self.backend.weight_dtype)
         parts = [self.host(n) for n in names]
         host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return self.backend.asarray(host, self.backend.weight_dtype)

@@ -55,7 +55,10 @@ ALLOWED_NUMPY = {
     ("runtime/generate.py", "decode_tokens", "np.asarray"),  # the sampled token id
     ("runtime/generate.py", "decode_tokens", "np.int64"),
     ("models/llama.py", "Llama._sink_rope", "np.minimum"),  # positions
-    ("models/gpt2.py", "_ConvReader.conv", "np.ascontiguousarray"),  # transposing checkpoint arrays
+    ("runtime/backend.py", "Backend.matrix", "np.concatenate"),  # laying out checkpoint arrays
+    ("runtime/backend.py", "Backend.matrix", "np.ascontiguousarray"),
+    ("runtime/backend.py", "Backend.matrix", "np.float32"),
+    ("runtime/backend.py", "Backend.matrix", "np.empty"),
     ("runtime/backend.py", "array_module", "np.ndarray"),  # a type check
     ("models/llama.py", "WeightReader.__call__", "np.concatenate"),  # fusing checkpoint arrays
 }
@@ -562,6 +565,26 @@ def test_array_module_of_each_kind():
     xp = FakeDevice()
     assert array_module(np.zeros(2)) is np and array_module(np.float32(1)) is np and array_module(1.0) is np
     assert array_module(xp.asarray(np.zeros(2))) is xp
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_matrix_stacks_parts_in_the_decode_layout(dtype):
+    """Backend.matrix holds exactly the stacked parts; only float32 matrices at least as
+    tall as wide are laid out (in, out) in memory (Fortran order), over several copy bands."""
+    from runtime.backend import _LAYOUT_BAND, get_backend
+
+    backend = get_backend("cpu", dtype)
+    rng = np.random.default_rng(0)
+    tall = [rng.standard_normal((r, 40), dtype=np.float32) for r in (_LAYOUT_BAND + 3, 24, 7)]
+    wide = [rng.standard_normal((30, 2 * _LAYOUT_BAND + 5), dtype=np.float32)]
+    for parts, fortran in ((tall, dtype == "float32"), (wide, False), ([tall[0].T], False)):
+        out = backend.matrix(parts, backend.weight_dtype)
+        expected = np.concatenate(parts, axis=0).astype(dtype)
+        assert out.dtype == np.dtype(dtype) and out.shape == expected.shape
+        np.testing.assert_array_equal(out, expected)
+        assert (out.flags.f_contiguous, out.flags.c_contiguous) == (fortran, not fortran)
+    # a transposed view (GPT-2's Conv1D weights) reads through its strides
+    np.testing.assert_array_equal(backend.matrix([wide[0].T], backend.weight_dtype), wide[0].T.astype(dtype))
 
 
 def _usable_gpu(cupy: Any) -> bool:
