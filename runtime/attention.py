@@ -91,8 +91,9 @@ def _attend_block(xp: Any, q: Array, k: Array, v: Array, s: int, old: tuple | No
 
 def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale: float,
                 softcap: float | None, q_sink: Array | None) -> Array:
-    """One query per head: store first, then one softmax over the whole ring,
-    reading the cache block by block (see KVCache.blocks)."""
+    """One query per head: store first, then one softmax over the whole ring. The
+    products with the cache are the cache's (KVCache.score_keys/weigh_values),
+    which knows how its keys and values are stored."""
     xp = cache.xp
     n_q, _, d = q.shape
     n_kv = k.shape[0]
@@ -101,11 +102,10 @@ def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale:
     n = cache.n_after
     widen = cache.widen_factor
     scores = cache.scores_buffer(group, n)
-    qs = q.reshape(n_kv, group, d) * (scale * widen)
-    for start, end, keys in cache.blocks(layer, n):
-        xp.matmul(qs, keys.transpose(0, 2, 1), out=scores[:, :, start:end])
-        if start == 0 and q_sink is not None and cache.n_sink:
-            _score_sinks(scores, (q_sink * (scale * widen)).reshape(n_kv, group, d), keys, cache.n_sink)
+    cache.score_keys(layer, q.reshape(n_kv, group, d) * (scale * widen), scores)
+    if q_sink is not None and cache.n_sink:
+        sinks = scores[:, :, :min(cache.n_sink, n)]
+        cache.score_keys(layer, (q_sink * (scale * widen)).reshape(n_kv, group, d), sinks)
     _softcap(xp, scores, softcap)
     # exp(s - max) * widen: values scaled down by 2**-112 times weights scaled
     # up by as much keep every product a normal float32 (no denormals)
@@ -115,10 +115,7 @@ def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale:
     xp.exp(scores, out=scores)
     # normalize the (Hkv, G, d) output rather than the n scores
     total = scores.sum(axis=-1, keepdims=True)
-    out = None
-    for start, end, values in cache.blocks(layer, n, values=True):
-        part = scores[:, :, start:end] @ values
-        out = part if out is None else xp.add(out, part, out=out)
+    out = cache.weigh_values(layer, scores)
     out *= widen / total
     return out.reshape(1, n_q * d)
 

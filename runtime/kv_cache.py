@@ -194,21 +194,40 @@ class KVCache:
         self._widen(v, None if self.v_scale is None else self.v_scale[layer, :, :n], v32)
         return k32, v32, self.widen_factor
 
-    def blocks(self, layer: int, n: int, values: bool = False) -> Iterator[tuple[int, int, Any]]:
-        """The first n slots of a layer's keys (or values) as float32 blocks
-        (start, end, (kv_heads, end - start, d)), scaled down by `widen_factor`.
+    # -- a decode step's products with the cache -------------------------------
+    # One query per head multiplies every cached key and value once, so the
+    # storage format is dealt with here, where it is known, block by block:
+    # float32 is read in place; float16 and int8 are widened WIDEN_BLOCK slots
+    # at a time into one small buffer that is used while it is still in L2
+    # (widening a whole layer first and reading it back halved decode speed at
+    # 4,096 tokens).
 
-        float32 is one block, read in place. float16 and int8 are widened
-        WIDEN_BLOCK slots at a time into one small buffer, used before the next
-        block overwrites it: a decode step's single query reads each block
-        once, while it is still in L2, instead of the whole layer from memory
-        after widening it there (at 4,096 tokens that halved decode speed).
-        """
-        store = self.v if values else self.k
+    def score_keys(self, layer: int, q: Any, out: Any) -> None:
+        """out (kv_heads, G, m) = q (kv_heads, G, d) . keys of slots 0..m, the keys
+        scaled down by `widen_factor`."""
+        xp, m = self.xp, out.shape[-1]
         if self.spec.kv_dtype == "float32":
-            yield 0, n, store[layer, :, :n]
+            xp.matmul(q, self.k[layer, :, :m].transpose(0, 2, 1), out=out)
             return
-        scales = self.v_scale if values else self.k_scale
+        for start, end, keys in self._widened_blocks(self.k, self.k_scale, layer, m):
+            xp.matmul(q, keys.transpose(0, 2, 1), out=out[:, :, start:end])
+
+    def weigh_values(self, layer: int, p: Any) -> Any:
+        """sum over slots t < m of p[:, :, t] (kv_heads, G, m) times value t: (kv_heads, G, d),
+        the values scaled down by `widen_factor`."""
+        xp, m = self.xp, p.shape[-1]
+        if self.spec.kv_dtype == "float32":
+            return p @ self.v[layer, :, :m]
+        out = None
+        for start, end, values in self._widened_blocks(self.v, self.v_scale, layer, m):
+            part = p[:, :, start:end] @ values
+            out = part if out is None else xp.add(out, part, out=out)
+        return out
+
+    def _widened_blocks(self, store: Any, scales: Any | None, layer: int,
+                        n: int) -> Iterator[tuple[int, int, Any]]:
+        """The first n slots as float32 blocks (start, end, (kv_heads, end - start, d)), each
+        valid until the next is made."""
         for start in range(0, n, WIDEN_BLOCK):
             end = min(n, start + WIDEN_BLOCK)
             block = self._k32[:, :end - start]
@@ -217,7 +236,7 @@ class KVCache:
 
     @property
     def widen_factor(self) -> float:
-        """What the float32 that keys_values and blocks give must be multiplied by.
+        """What the float32 that keys_values, score_keys and weigh_values read must be multiplied by.
 
         float16 is widened by moving its bits into float32 (exact, and 7x faster
         than NumPy's float16 cast): sign and exponent/mantissa bits shifted into

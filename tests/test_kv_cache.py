@@ -7,7 +7,7 @@ import pytest
 
 from conftest import decode_logits, greedy, hf_greedy, hf_logits, load_net, prefill_logits, save_tiny
 from runtime.backend import get_backend
-from runtime.kv_cache import CacheSpec, KVCache
+from runtime.kv_cache import KV_DTYPES, WIDEN_BLOCK, CacheSpec, KVCache
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -128,7 +128,39 @@ def test_low_precision_caches_stay_close(tiny, kv_dtype, tol):
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_decode_products_equal_the_formula_over_several_blocks(kv_dtype):
+    """score_keys and weigh_values, which read a float16 or int8 cache WIDEN_BLOCK slots
+    at a time, give q . K and p @ V over the cache as keys_values dequantizes it
+    whole, for slot counts within one block and across three."""
+    n_kv, group, d, n = 3, 3, 64, 2 * WIDEN_BLOCK + 77
+    spec = CacheSpec(num_layers=2, num_kv_heads=n_kv, head_dim=d, capacity=n + 8, kv_dtype=kv_dtype)
+    cache = KVCache(get_backend("cpu"), spec)
+    rng = np.random.default_rng(0)
+    for chunk in (n - 100, 100):
+        cache.begin(chunk)
+        for layer in range(2):
+            k, v = (rng.standard_normal((n_kv, chunk, d), dtype=np.float32) * 3 for _ in range(2))
+            cache.store(layer, k, v)
+        cache.end()
+    for layer in range(2):
+        keys, values, widen = (a.astype(np.float64) if hasattr(a, "shape") else a
+                               for a in cache.keys_values(layer, n))
+        q = rng.standard_normal((n_kv, group, d), dtype=np.float32)
+        for m in (n, WIDEN_BLOCK, 5):
+            scores = np.empty((n_kv, group, m), dtype=np.float32)
+            cache.score_keys(layer, q, scores)
+            expected = q @ keys[:, :m].transpose(0, 2, 1)
+            assert np.abs(scores - expected).max() <= 1e-5 * np.abs(expected).max()
+            p = rng.random((n_kv, group, m), dtype=np.float32)
+            out = cache.weigh_values(layer, p)
+            expected = p @ values[:, :m]
+            assert out.shape == (n_kv, group, d) and out.dtype == np.float32
+            assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+        assert widen == (2.0 ** 112 if kv_dtype == "float16" else 1.0)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_nbytes_match_allocated_arrays(kv_dtype):
     spec = CacheSpec(num_layers=3, num_kv_heads=2, head_dim=64, capacity=100, kv_dtype=kv_dtype)
     cache = KVCache(get_backend("cpu"), spec)
