@@ -153,18 +153,12 @@ class Checkpoint:
                      else f"{self.folder} ({', '.join(f.name for f in self.files)})")
             raise ModelError(f"{where}: tensor {name!r} is missing from the checkpoint") from None
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None, copy: bool = True) -> np.ndarray:
-        """A tensor as a host array (bfloat16 as float32), its shape checked if given.
-
-        copy=False gives a read-only view of the memory-mapped file instead (bfloat16
-        as `ml_dtypes.bfloat16`), for a caller that copies it into its own layout.
-        """
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A tensor as a host array (bfloat16 as float32), its shape checked if given."""
         info = self.info(name)
         if shape is not None and info.shape != tuple(shape):
             raise ModelError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                              f"config.json implies {list(shape)}")
-        if not copy:
-            return self._mapped(info)
         if info.dtype == "BF16":
             return self._mapped(info).astype(np.float32)
         try:

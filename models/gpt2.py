@@ -266,8 +266,7 @@ class _ConvReader(WeightReader):
 
     def conv(self, name: str) -> Array:
         """A Conv1D weight (in, out) as (out, in), in the backend's matrix layout (made once here)."""
-        name = self.name(name)
-        return self.backend.matrix([self.ckpt.get(name, self.shapes[name], copy=False).T], self.backend.weight_dtype)
+        return self.backend.matrix([self.host(self.name(name)).T], self.backend.weight_dtype)
 
     def name(self, name: str) -> str:
         # lm_head sits outside the transformer in GPT2LMHeadModel: never prefixed

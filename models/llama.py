@@ -199,10 +199,9 @@ class WeightReader:
 
     def __call__(self, *names: str) -> Array:
         """The tensors stacked on axis 0 (one name: the tensor itself), on the device."""
-        if len(self.shapes[names[0]]) == 2:  # read from the file's map: matrix() makes the one copy
-            return self.backend.matrix([self.ckpt.get(n, self.shapes[n], copy=False) for n in names],
-                                       self.backend.weight_dtype)
         parts = [self.host(n) for n in names]
+        if parts[0].ndim == 2:
+            return self.backend.matrix(parts, self.backend.weight_dtype)
         host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return self.backend.asarray(host, self.backend.weight_dtype)
 
