@@ -111,6 +111,22 @@ def test_info_reports_what_the_cache_allocates(kv_dtype):
 
 
 @needs_default_model
+def test_bench_json_reports_each_repetition():
+    """The bench command's contract (not its speed): one figure per repetition for each
+    test, at the depth, cache and context asked for."""
+    result = run("bench", "-p", "24", "-n", "4", "-r", "2", "--depth", "40", "--ctx", "128",
+                 "--kv-dtype", "int8", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    row = json.loads(result.stdout.decode())
+    assert (row["prompt_tokens"], row["gen_tokens"], row["depth"]) == (24, 4, 40)
+    assert (row["kv_dtype"], row["context"]) == ("int8", 128)
+    assert len(row["prefill_tps"]) == len(row["decode_tps"]) == len(row["first_token_s"]) == 2
+    assert all(v > 0 for v in row["prefill_tps"] + row["decode_tps"] + row["first_token_s"])
+    assert row["prefill_tps_mean"] == pytest.approx(sum(row["prefill_tps"]) / 2)
+    assert row["load_s"] > 0 and row["peak_rss_mb"] > 100
+
+
+@needs_default_model
 def test_gguf_file_as_model_and_perplexity_command(tmp_path):
     from loaders.resolve import default_gguf
 
