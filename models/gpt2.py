@@ -7,8 +7,8 @@ and v); the MLP is c_fc, GELU (tanh approximation, HF's "gelu_new"), c_proj.
 
 Two things differ from the Llama family:
 - HF stores GPT-2's projections as Conv1D, weight (in, out). `load_weights` (the
-  one place names and layouts are mapped) transposes them once, so `linear` sees
-  the (out, in) layout every other architecture uses.
+  one place names and layouts are mapped) views them as (out, in), the shape
+  `linear` sees in every other architecture; Backend.matrix picks the memory order.
 - Positions are a learned table of n_positions rows: there is no position past it,
   and none can be shifted. The context is capped at n_positions (see
   `GPT2Config.position_limit`), the cache never wraps, and a forward call that

@@ -2,8 +2,9 @@
 
 The decoder-only transformer most others are variations of, so the other
 architecture files reuse its pieces. Weights keep the checkpoint's names and
-(out, in) layout; the one loader step, `load_weights`, fuses q/k/v into one
-matrix and gate/up into another so that a decode step does 4 matmuls per layer.
+(out, in) shapes; the one loader step, `load_weights`, fuses q/k/v into one
+matrix and gate/up into another so that a decode step does 4 matmuls per layer,
+and lets the backend choose each matrix's memory order (Backend.matrix).
 """
 
 from __future__ import annotations
