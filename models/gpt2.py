@@ -8,7 +8,7 @@ and v); the MLP is c_fc, GELU (tanh approximation, HF's "gelu_new"), c_proj.
 Two things differ from the Llama family:
 - HF stores GPT-2's projections as Conv1D, weight (in, out). `load_weights` (the
   one place names and layouts are mapped) views them as (out, in), the shape
-  `linear` sees in every other architecture; Backend.matrix picks the memory order.
+  `linear` sees in every other architecture; Backend.matrix_order picks the memory order.
 - Positions are a learned table of n_positions rows: there is no position past it,
   and none can be shifted. The context is capped at n_positions (see
   `GPT2Config.position_limit`), the cache never wraps, and a forward call that
@@ -265,8 +265,8 @@ class _ConvReader(WeightReader):
         return super().__call__(*map(self.name, names))
 
     def conv(self, name: str) -> Array:
-        """A Conv1D weight (in, out) as (out, in), in the backend's matrix layout (made once here)."""
-        return self.backend.matrix([self.host(self.name(name)).T], self.backend.weight_dtype)
+        """A Conv1D weight (in, out) as (out, in), in the backend's matrix order (made once here)."""
+        return self.matrix([self.name(name)], transposed=True)
 
     def name(self, name: str) -> str:
         # lm_head sits outside the transformer in GPT2LMHeadModel: never prefixed

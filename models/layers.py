@@ -24,7 +24,7 @@ _WIDEN_BLOCK = 256 * 1024
 
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
     """x @ weight.T (+ bias), weight shaped (out, in) as in the checkpoint (in either
-    memory order: see Backend.matrix).
+    memory order: see Backend.matrix_order).
 
     Float16 weights (the GPU policy) are multiplied in float32 so that sums
     accumulate in float32.

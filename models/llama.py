@@ -4,7 +4,7 @@ The decoder-only transformer most others are variations of, so the other
 architecture files reuse its pieces. Weights keep the checkpoint's names and
 (out, in) shapes; the one loader step, `load_weights`, fuses q/k/v into one
 matrix and gate/up into another so that a decode step does 4 matmuls per layer,
-and lets the backend choose each matrix's memory order (Backend.matrix).
+and lets the backend choose each matrix's memory order (Backend.matrix_order).
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ def split_heads(qkv: Array, n_q: int, n_kv: int, d: int) -> tuple[Array, Array, 
 
 class WeightReader:
     """Reads checkpoint tensors at the shapes `expected_shapes` lists, fusing and
-    uploading them (matrices in the backend's layout, see Backend.matrix)."""
+    uploading them; matrices are read straight into the memory order the backend
+    multiplies fastest (Backend.matrix_order)."""
 
     def __init__(self, ckpt: Checkpoint, backend: Backend, shapes: dict[str, tuple[int, ...]]) -> None:
         self.ckpt, self.backend, self.shapes = ckpt, backend, shapes
@@ -200,11 +201,25 @@ class WeightReader:
 
     def __call__(self, *names: str) -> Array:
         """The tensors stacked on axis 0 (one name: the tensor itself), on the device."""
+        if len(self.shapes[names[0]]) == 2:
+            return self.matrix(names)
         parts = [self.host(n) for n in names]
-        if parts[0].ndim == 2:
-            return self.backend.matrix(parts, self.backend.weight_dtype)
         host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return self.backend.asarray(host, self.backend.weight_dtype)
+
+    def matrix(self, names: tuple[str, ...] | list[str], transposed: bool = False) -> Array:
+        """Matrices stacked on axis 0 as one (out, in) weight; `transposed`: one tensor
+        stored (in, out) (GPT-2's Conv1D), read as its transpose."""
+        shapes = [self.shapes[n][::-1] if transposed else self.shapes[n] for n in names]
+        shape = (sum(s[0] for s in shapes), shapes[0][1])
+        dtype = self.backend.weight_dtype
+        host = np.empty(shape, dtype=dtype, order=self.backend.matrix_order(shape, dtype))
+        start = 0
+        for name, (rows, _) in zip(names, shapes):
+            part = host[start:start + rows]
+            self.ckpt.read_into(name, part.T if transposed else part, self.shapes[name])
+            start += rows
+        return self.backend.asarray(host)
 
     def maybe(self, *names: str) -> Array | None:
         """As __call__, or None when the architecture does not have the first tensor."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from loaders.errors import ModelError
 
 DEVICES = ("cpu", "cuda")
-_LAYOUT_BAND = 128  # rows per copy when Backend.matrix lays a matrix out
 WEIGHT_DTYPES = ("float32", "float16")
 
 
@@ -39,36 +38,21 @@ class Backend:
         """Upload a host array once (weights, position tables) in the given dtype."""
         return self.xp.asarray(host_array, dtype=dtype)
 
-    def matrix(self, parts: Sequence[np.ndarray], dtype: Any) -> Any:
-        """Upload a weight matrix, shaped (out, in) as `linear` multiplies it (x @ w.T),
-        from host parts stacked on the out axis (fused weights: q/k/v, gate/up), in
-        the memory layout a decode step streams fastest.
+    def matrix_order(self, shape: tuple[int, int], dtype: Any) -> str:
+        """The memory order ("C" or "F") to lay a weight matrix out in, shaped (out, in)
+        as `linear` multiplies it (x @ w.T) whatever its order.
 
         A decode step multiplies one row by every matrix, which OpenBLAS runs as a
         gemv. For a float32 matrix at least as tall as it is wide (q/k/v, o,
         gate/up, the lm_head) that is faster with the matrix laid out (in, out) in
-        memory, Fortran order of the same (out, in) shape; a wide one (down_proj)
-        streams faster as stored. The decode step measured 12-19% faster on the
-        default model and the same on the 1B-shaped one (docs/benchmarks.md).
-        CuPy's cuBLAS gets the checkpoint's layout.
+        memory, Fortran order of the same shape; a wide one (down_proj) streams
+        faster as stored. The decode step measured 12-19% faster on the default
+        model and the same on the 1B-shaped one (docs/benchmarks.md). CuPy's
+        cuBLAS gets the checkpoint's layout.
         """
-        rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[1]
-        dtype = self.xp.dtype(dtype)
-        host = parts[0] if len(parts) == 1 else None
-        if self.xp is not np or dtype != np.float32 or rows < cols:
-            host = np.concatenate(parts, axis=0) if host is None else host
-            return self.xp.asarray(np.ascontiguousarray(host), dtype=dtype)
-        if host is not None and host.flags.f_contiguous and host.dtype == dtype:
-            return host  # already (in, out) in memory: GPT-2's Conv1D weights
-        out = np.empty((rows, cols), dtype=dtype, order="F")
-        start = 0
-        for part in parts:
-            # bands of rows: NumPy transposes a whole matrix at a third of this speed
-            for band in range(0, part.shape[0], _LAYOUT_BAND):
-                chunk = part[band:band + _LAYOUT_BAND]
-                out[start + band:start + band + chunk.shape[0]] = chunk
-            start += part.shape[0]
-        return out
+        rows, cols = shape
+        tall_float32 = self.xp is np and np.dtype(dtype) == np.float32 and rows >= cols
+        return "F" if tall_float32 else "C"
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """Allocate a persistent buffer (cache, scratch); never called per token.

@@ -55,10 +55,9 @@ ALLOWED_NUMPY = {
     ("runtime/generate.py", "decode_tokens", "np.asarray"),  # the sampled token id
     ("runtime/generate.py", "decode_tokens", "np.int64"),
     ("models/llama.py", "Llama._sink_rope", "np.minimum"),  # positions
-    ("runtime/backend.py", "Backend.matrix", "np.concatenate"),  # laying out checkpoint arrays
-    ("runtime/backend.py", "Backend.matrix", "np.ascontiguousarray"),
-    ("runtime/backend.py", "Backend.matrix", "np.float32"),
-    ("runtime/backend.py", "Backend.matrix", "np.empty"),
+    ("runtime/backend.py", "Backend.matrix_order", "np.dtype"),  # a layout decision for host arrays
+    ("runtime/backend.py", "Backend.matrix_order", "np.float32"),
+    ("models/llama.py", "WeightReader.matrix", "np.empty"),  # the host array checkpoint matrices are read into
     ("runtime/backend.py", "array_module", "np.ndarray"),  # a type check
     ("models/llama.py", "WeightReader.__call__", "np.concatenate"),  # fusing checkpoint arrays
 }
@@ -568,23 +567,35 @@ def test_array_module_of_each_kind():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_matrix_stacks_parts_in_the_decode_layout(dtype):
-    """Backend.matrix holds exactly the stacked parts; only float32 matrices at least as
-    tall as wide are laid out (in, out) in memory (Fortran order), over several copy bands."""
-    from runtime.backend import _LAYOUT_BAND, get_backend
+def test_weight_reader_reads_matrices_into_the_decode_layout(tmp_path, monkeypatch, dtype):
+    """Fused and transposed matrices hold exactly the checkpoint's values; only float32
+    matrices at least as tall as wide are laid out (in, out) in memory (Fortran order).
+    Small read bands make every tensor cross several of them."""
+    from safetensors.numpy import save_file
 
-    backend = get_backend("cpu", dtype)
+    import loaders.safetensors as st
+    from loaders.errors import ModelError
+    from loaders.safetensors import Checkpoint
+    from models.llama import WeightReader
+    from runtime.backend import get_backend
+
+    monkeypatch.setattr(st, "_READ_CHUNK", 1000)
+    monkeypatch.setattr(st, "LAYOUT_BAND", 16)
     rng = np.random.default_rng(0)
-    tall = [rng.standard_normal((r, 40), dtype=np.float32) for r in (_LAYOUT_BAND + 3, 24, 7)]
-    wide = [rng.standard_normal((30, 2 * _LAYOUT_BAND + 5), dtype=np.float32)]
-    for parts, fortran in ((tall, dtype == "float32"), (wide, False), ([tall[0].T], False)):
-        out = backend.matrix(parts, backend.weight_dtype)
-        expected = np.concatenate(parts, axis=0).astype(dtype)
-        assert out.dtype == np.dtype(dtype) and out.shape == expected.shape
-        np.testing.assert_array_equal(out, expected)
-        assert (out.flags.f_contiguous, out.flags.c_contiguous) == (fortran, not fortran)
-    # a transposed view (GPT-2's Conv1D weights) reads through its strides
-    np.testing.assert_array_equal(backend.matrix([wide[0].T], backend.weight_dtype), wide[0].T.astype(dtype))
+    tensors = {"a": (131, 40), "b": (24, 40), "c": (7, 40), "wide": (30, 261), "conv": (40, 300), "norm": (40,)}
+    host = {k: rng.standard_normal(s, dtype=np.float32) for k, s in tensors.items()}
+    save_file(host, str(tmp_path / "model.safetensors"))
+    read = WeightReader(Checkpoint(tmp_path), get_backend("cpu", dtype), tensors)
+    fortran = dtype == "float32"
+    for got, expected, tall in ((read("a", "b", "c"), np.concatenate([host["a"], host["b"], host["c"]]), True),
+                                (read("wide"), host["wide"], False),
+                                (read.matrix(["conv"], transposed=True), host["conv"].T, True)):
+        assert got.dtype == np.dtype(dtype) and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected.astype(dtype))
+        assert got.flags.f_contiguous == (tall and fortran) and got.flags.c_contiguous == (not (tall and fortran))
+    np.testing.assert_array_equal(read("norm"), host["norm"].astype(dtype))
+    with pytest.raises(ModelError, match="config.json implies"):
+        WeightReader(Checkpoint(tmp_path), get_backend("cpu", dtype), {"a": (130, 40)})("a")
 
 
 def _usable_gpu(cupy: Any) -> bool:
