@@ -578,7 +578,7 @@ def test_ctrl_c_while_generating() -> None:
 @needs_default_model
 @pytest.mark.parametrize("stage, mapped", [
     ("importing", "_multiarray_umath"),  # NumPy is imported by the load itself (cli.py imports it lazily)
-    ("reading weights", "model.safetensors"),  # safe_open maps the file while it copies a tensor out
+    ("reading weights", "model.safetensors"),  # the checkpoint is mapped while its tensors are copied out
 ])
 def test_ctrl_c_while_loading(stage: str, mapped: str) -> None:
     proc = _start("generate", "--prompt", "hi", "--max-tokens", "2000", "--ignore-eos")
