@@ -32,9 +32,9 @@ DTYPES: dict[str, np.dtype] = {
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 MAX_NDIM = 32  # NumPy 1.x's limit (2.x allows 64)
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 _READ_CHUNK = 16 * 1024 * 1024  # bytes of a tensor copied out of the map before its pages are dropped
 LAYOUT_BAND = 128  # rows per copy when a tensor is read into another memory order
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
