@@ -51,8 +51,13 @@ def hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def load_net(folder: Path, kv_dtype: str = "float32", max_context: int | None = None, n_sink: int = 4):
-    """Our model on a folder with only a config and weights (no tokenizer needed)."""
+def load_net(folder: Path, kv_dtype: str = "float32", max_context: int | None = None, n_sink: int = 4,
+             device: str = "cpu", dtype: str | None = None):
+    """Our model on a folder with only a config and weights (no tokenizer needed).
+
+    `device` and `dtype` are the backend's (float32 weights on the CPU by default);
+    the helpers below bring logits back to the host whatever the device.
+    """
     from loaders.config import read_json
     from loaders.safetensors import Checkpoint
     from models import architecture
@@ -62,8 +67,9 @@ def load_net(folder: Path, kv_dtype: str = "float32", max_context: int | None = 
     raw = read_json(folder / "config.json")
     cls = architecture(raw["model_type"])
     config = cls.config_class.from_dict(raw)
-    net = cls.load(config, Checkpoint(folder), get_backend("cpu"))
-    spec = cache_spec(config, LoadOptions(kv_dtype=kv_dtype, max_context=max_context, n_sink=n_sink))
+    net = cls.load(config, Checkpoint(folder), get_backend(device, dtype))
+    spec = cache_spec(config, LoadOptions(device=device, dtype=dtype, kv_dtype=kv_dtype, max_context=max_context,
+                                          n_sink=n_sink))
     return net, spec
 
 
@@ -76,19 +82,19 @@ def new_cache(net: Any, spec: Any):
 def prefill_logits(net: Any, spec: Any, ids: list[int], chunk: int = 512) -> np.ndarray:
     from runtime.generate import prefill
 
-    return prefill(net, new_cache(net, spec), ids, chunk, all_logits=True)
+    return net.backend.to_host(prefill(net, new_cache(net, spec), ids, chunk, all_logits=True))
 
 
 def decode_logits(net: Any, spec: Any, ids: list[int]) -> np.ndarray:
     cache = new_cache(net, spec)
-    return np.concatenate([net.forward(np.array([t]), cache) for t in ids])
+    return np.concatenate([net.backend.to_host(net.forward(np.array([t]), cache)) for t in ids])
 
 
 def greedy(net: Any, spec: Any, ids: list[int], n: int) -> list[int]:
     from runtime.generate import GenerationStats, decode_tokens
     from runtime.sampling import Sampler, SamplingParams
 
-    return list(decode_tokens(net, new_cache(net, spec), ids, Sampler(np, SamplingParams()), max_tokens=n,
+    return list(decode_tokens(net, new_cache(net, spec), ids, Sampler(net.xp, SamplingParams()), max_tokens=n,
                               stop_ids=set(), stats=GenerationStats()))
 
 
