@@ -4,9 +4,10 @@
 
 Prints one table: prefill 512, decode of 128 tokens after a 32-token prompt, decode at
 2,048 tokens of context (our float32, float16 and int8 caches), each ours vs HF
-(`generate`, greedy, its default dynamic cache), the ratio, and the memory-bandwidth
-floor: weight bytes read per token / bandwidth measured here by a gemv over as many
-bytes as the weights.
+(`generate`, greedy, its default dynamic cache; prefill: one forward asking for the
+last position's logits, as generate does), the ratio with its range over the rounds,
+and the memory-bandwidth floor: weight bytes read per token / bandwidth measured here
+by a gemv over as many bytes as the weights. The two sides alternate test by test.
 """
 
 from __future__ import annotations
@@ -45,29 +46,48 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def hf_speeds(folder: Path, prompt: int, gen: int, depth: int, repeats: int) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForCausalLM
+class HFSide:
+    """HF transformers on the same folder (torch float32, CPU), timed as ours is."""
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    vocab = model.config.vocab_size
-    rng = np.random.default_rng(0)
-    out: dict[str, list[float]] = {"prefill": [], "decode": [], "decode_depth": []}
-    with torch.inference_mode():
+    def __init__(self, folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.vocab = self.model.config.vocab_size
+        self.rng = np.random.default_rng(0)
         # untimed first calls, as runtime.bench makes for ours
-        model(torch.tensor([rng.integers(0, vocab, 512).tolist()]), use_cache=True)
-        model.generate(torch.tensor([rng.integers(0, vocab, 32).tolist()]), max_new_tokens=4, min_new_tokens=4,
-                       do_sample=False, pad_token_id=0, eos_token_id=None)
-        for _ in range(repeats):
-            ids = torch.tensor([rng.integers(0, vocab, 512).tolist()])
-            out["prefill"].append(512 / _timed(lambda: model(ids, use_cache=True)))
-            for key, ctx in (("decode", prompt), ("decode_depth", depth)):
-                ids = torch.tensor([rng.integers(0, vocab, ctx).tolist()])
-                kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-                t_prefill = _timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs))
-                t_all = _timed(lambda: model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, **kwargs))
-                out[key].append((gen - 1) / (t_all - t_prefill))
-    return {k: statistics.fmean(v) for k, v in out.items()}
+        self.prefill_tps(512)
+        self.decode_tps(32, 4)
+
+    def _ids(self, n: int):
+        return self.torch.tensor([self.rng.integers(0, self.vocab, n).tolist()])
+
+    def prefill_tps(self, n: int) -> float:
+        # logits of the last position only, as HF's generate asks for a prompt
+        # (and as ours computes): all 512 rows of the lm_head would add 29 GFLOP
+        ids = self._ids(n)
+        with self.torch.inference_mode():
+            return n / _timed(lambda: self.model(ids, use_cache=True, logits_to_keep=1))
+
+    def decode_tps(self, context: int, gen: int) -> float:
+        """Tokens/s of `generate` (greedy, default cache) after a context-token prompt:
+        the time of gen tokens less the time of the first, over gen - 1."""
+        ids = self._ids(context)
+        kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        with self.torch.inference_mode():
+            t_first = _timed(lambda: self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs))
+            t_all = _timed(lambda: self.model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, **kwargs))
+        return (gen - 1) / (t_all - t_first)
+
+
+def ours_prefill_tps(model: "runtime.Model", n: int) -> float:
+    return run_bench(model, n, 0, 1).prefill_tps[0]
+
+
+def ours_decode_tps(model: "runtime.Model", depth: int, gen: int) -> float:
+    return run_bench(model, 0, gen, 1, depth=depth).decode_tps[0]
 
 
 # The child reports its own peak RSS: VmHWM belongs to the process image after exec,
@@ -130,27 +150,42 @@ def main() -> None:
     floor = gbps * 1e9 / weight_bytes
     print(f"# weights {weight_bytes / 1e6:.0f} MB; gemv bandwidth {gbps:.1f} GB/s -> decode floor {floor:.1f} tokens/s")
 
-    ours = {
-        "prefill 512": statistics.fmean(run_bench(m32, 512, 0, args.repetitions).prefill_tps),
-        "decode 128 after 32": statistics.fmean(run_bench(m32, 0, args.gen, args.repetitions, depth=32).decode_tps),
-    }
-    for kv, model in models.items():
-        ours[f"decode @ {args.depth} (kv {kv})"] = statistics.fmean(
-            run_bench(model, 0, args.gen, args.repetitions, depth=args.depth).decode_tps)
-    hf = {} if args.no_hf else hf_speeds(m32.folder, 32, args.gen, args.depth, args.repetitions)
-    hf_for = {"prefill 512": hf.get("prefill"), "decode 128 after 32": hf.get("decode")}
-    for kv in models:
-        hf_for[f"decode @ {args.depth} (kv {kv})"] = hf.get("decode_depth")
+    # Ours and HF's alternate, test by test within each round, so that the
+    # machine's drift (+-20% here over minutes) falls on both sides alike.
+    hf = None if args.no_hf else HFSide(m32.folder)
+    hf_runs = {"prefill": lambda: hf.prefill_tps(512), "decode": lambda: hf.decode_tps(32, args.gen),
+               "depth": lambda: hf.decode_tps(args.depth, args.gen)}
+    tests = {"prefill 512": (lambda: ours_prefill_tps(m32, 512), "prefill"),
+             "decode 128 after 32": (lambda: ours_decode_tps(m32, 32, args.gen), "decode")}
+    for kv, model in models.items():  # one HF figure per round serves the three caches
+        tests[f"decode @ {args.depth} (kv {kv})"] = (lambda m=model: ours_decode_tps(m, args.depth, args.gen),
+                                                     "depth")
+    ours: dict[str, list[float]] = {name: [] for name in tests}
+    theirs: dict[str, list[float]] = {name: [] for name in tests}
+    for _ in range(args.repetitions):
+        this_round: dict[str, float] = {}
+        for name, (ours_fn, hf_key) in tests.items():
+            ours[name].append(ours_fn())
+            if hf is not None:
+                if hf_key not in this_round:
+                    this_round[hf_key] = hf_runs[hf_key]()
+                theirs[name].append(this_round[hf_key])
 
     startup = startup_and_memory(m32)
     print(f"# cli.py generate: first token after {startup['first_token_s']:.2f} s; peak RSS "
           f"{startup['peak_rss_mb']:.0f} MB vs weights {startup['weights_mb']:.0f} MB + KV "
           f"{startup['kv_mb']:.0f} MB + 300 MB = {startup['budget_mb']:.0f} MB")
-    print("\n| test | ours tokens/s | HF tokens/s | ours / HF | floor tokens/s | ours / floor |")
+    print("\n| test | ours tokens/s | HF tokens/s | ours / HF (range over rounds) | floor tokens/s | ours / floor |")
     print("|---|---|---|---|---|---|")
-    for name, value in ours.items():
-        ref = hf_for.get(name)
-        versus = f"{ref:.1f} | {value / ref:.2f}x" if ref else "- | -"
+    for name, values in ours.items():
+        value = statistics.fmean(values)
+        refs = theirs[name]
+        if refs:
+            ratios = [a / b for a, b in zip(values, refs)]
+            versus = (f"{statistics.fmean(refs):.1f} | {value / statistics.fmean(refs):.2f}x "
+                      f"({min(ratios):.2f}-{max(ratios):.2f})")
+        else:
+            versus = "- | -"
         # the bandwidth floor is a decode figure: prefill is bound by compute
         bound = f"{floor:.1f} | {100 * value / floor:.0f}%" if name.startswith("decode") else "- | -"
         print(f"| {name} | {value:.1f} | {versus} | {bound} |")
