@@ -72,6 +72,7 @@ class Plan:
     depth: int = 2048     # the deep decode test (135M shape)
     context: int = 4096   # our cache: depth + warm-ups fit without wrapping
     repetitions: int = 2  # timed runs per test, each after the untimed warm-ups
+    profile: int = 0      # decode steps to run under cProfile after our tests (0: none)
 
 
 FULL, TINY = Plan(), Plan(prompt=64, gen=16, after=8, depth=256, context=512, repetitions=1)
@@ -213,8 +214,36 @@ def ours(folder: Path, device: str, plan: Plan, deep: bool, results: dict[str, f
                 results[name] = statistics.fmean(result.prefill_tps if prompt else result.decode_tps)
                 log(f"#   ours, {name}: {results[name]:.1f} tok/s")  # progress, kept if the run is cut short
             attempt(f"ours, {name}", measure)
+        if plan.profile and kv == "float16":
+            attempt("ours, profile", lambda: profile_decode(model, plan.profile))
         del model
         free_memory(device)
+
+
+def profile_decode(model: Any, steps: int) -> None:
+    """Where a decode step's host time goes: cProfile's own-time table over `steps`
+    steps. On the GPU the step is bound by Python and kernel launches, not by the
+    device, so this is its profile."""
+    import cProfile
+    import io
+    import pstats
+
+    net, backend, xp = model.net, model.backend, model.backend.xp
+    cache = model.new_cache()
+    token = np.asarray([1], dtype=np.int64)
+    for _ in range(4):
+        net.forward(token, cache)
+    backend.synchronize()
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    for _ in range(steps):
+        backend.to_int(xp.argmax(net.forward(token, cache)[-1]))
+    profile.disable()
+    per_step = (time.perf_counter() - start) / steps
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+    log(f"# profile: {steps} decode steps, {per_step * 1e3:.1f} ms per step under cProfile\n{text.getvalue()}")
 
 
 def hf(model: Any, device: str, plan: Plan, deep: bool, results: dict[str, float]) -> None:
@@ -321,10 +350,13 @@ def main() -> None:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and token counts (a dry run)")
     ap.add_argument("-r", "--repetitions", type=int, help="timed runs per test (default 2, --tiny 1)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also run STEPS decode steps of ours under cProfile and print where the time goes")
     args = ap.parse_args()
     plan = TINY if args.tiny else FULL
     if args.repetitions:
         plan = dataclasses.replace(plan, repetitions=args.repetitions)
+    plan = dataclasses.replace(plan, profile=args.profile)
     shapes = {"SmolLM2-135M-shaped": (TINY_135M if args.tiny else SMOLLM2_135M, True),
               "Llama-3.2-1B-shaped": (TINY_1B if args.tiny else LLAMA_32_1B, False)}
     out = Path(os.environ["OUT"]) / "gpu_bench.md" if os.environ.get("OUT") else None

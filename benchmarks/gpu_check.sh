@@ -43,5 +43,5 @@ step() {
 step nvidia-smi 20 nvidia-smi
 step pytest 180 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=10 tests/test_gpu.py tests/test_backend.py
 # shellcheck disable=SC2086  # GPU_BENCH_ARGS is a list of flags
-step bench 240 "$PYTHON" benchmarks/gpu_bench.py ${GPU_BENCH_ARGS:-}
+step bench 240 "$PYTHON" benchmarks/gpu_bench.py ${GPU_BENCH_ARGS:---profile 32}
 cat "$OUT/summary.txt"
