@@ -23,7 +23,6 @@ so a chunk never overwrites a key one of its own queries still needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import product
 from typing import Any, Iterator
 
 import numpy as np
@@ -38,10 +37,13 @@ DEFAULT_SINKS = 4
 # Slots of a float16 or int8 layer a decode step widens at a time: 3 KV heads x
 # 512 x 64 x 4 bytes = 384 KiB, inside a 1 MiB L2.
 WIDEN_BLOCK = 512
-# From this many slots on, a NumPy decode step multiplies a float32 layer's keys
-# and values one query at a time (see KVCache.score_keys); below it, one batched
-# matmul costs fewer calls.
+# From this many slots on, a NumPy decode step multiplies a layer's keys and
+# values one KV head and one query at a time (see KVCache._per_query); below it,
+# one batched matmul costs fewer calls.
 PER_QUERY_FROM = 512
+# ... a head's slots at most this many at a time (1 MiB of float32: measured as
+# fast as 512 KiB at 4,000 slots; longer spans would leave L2 behind).
+PER_QUERY_SPAN = 4096
 # int16 bits of a float16, sign-extended to int32 and shifted left by 13, keep
 # the sign (bit 31) and exponent/mantissa (bits 13-27) under this mask; read as
 # float32 that is the float16's value times 2**-112 (also for subnormals and 0).
@@ -201,39 +203,41 @@ class KVCache:
 
     # -- a decode step's products with the cache -------------------------------
     # One query per head multiplies every cached key and value once, so the
-    # storage format is dealt with here, where it is known, block by block:
-    # float32 is read in place; float16 and int8 are widened WIDEN_BLOCK slots
-    # at a time into one small buffer that is used while it is still in L2
-    # (widening a whole layer first and reading it back halved decode speed at
-    # 4,096 tokens).
+    # storage format is dealt with here, where it is known, piece by piece:
+    # float32 is read in place; float16 and int8 are widened one head's span
+    # (many slots) or WIDEN_BLOCK slots of all heads (few) at a time into one
+    # small buffer that is used while it is still in L2 (widening a whole layer
+    # first and reading it back halved decode speed at 4,096 tokens).
 
     def score_keys(self, layer: int, q: Any, out: Any) -> None:
         """out (kv_heads, G, m) = q (kv_heads, G, d) . keys of slots 0..m, the keys
         scaled down by `widen_factor`."""
         xp, m = self.xp, out.shape[-1]
-        if self.spec.kv_dtype == "float32":
-            keys = self.k[layer, :, :m]
-            if self._per_query(m):
-                for h, g in product(range(q.shape[0]), range(q.shape[1])):
-                    xp.dot(keys[h], q[h, g], out=out[h, g])
-            else:
-                xp.matmul(q, keys.transpose(0, 2, 1), out=out)
-            return
-        for start, end, keys in self._widened_blocks(self.k, self.k_scale, layer, m):
-            xp.matmul(q, keys.transpose(0, 2, 1), out=out[:, :, start:end])
+        if self._per_query(m):
+            for h, start, end, keys in self._head_spans(self.k, self.k_scale, layer, m):
+                for g in range(q.shape[1]):
+                    xp.dot(keys, q[h, g], out=out[h, g, start:end])
+        elif self.spec.kv_dtype == "float32":
+            xp.matmul(q, self.k[layer, :, :m].transpose(0, 2, 1), out=out)
+        else:
+            for start, end, keys in self._widened_blocks(self.k, self.k_scale, layer, m):
+                xp.matmul(q, keys.transpose(0, 2, 1), out=out[:, :, start:end])
 
     def weigh_values(self, layer: int, p: Any) -> Any:
         """sum over slots t < m of p[:, :, t] (kv_heads, G, m) times value t: (kv_heads, G, d),
         the values scaled down by `widen_factor`."""
         xp, m = self.xp, p.shape[-1]
-        if self.spec.kv_dtype == "float32":
-            values = self.v[layer, :, :m]
-            if not self._per_query(m):
-                return p @ values
-            out = xp.empty(p.shape[:2] + values.shape[-1:], dtype=xp.float32)
-            for h, g in product(range(p.shape[0]), range(p.shape[1])):
-                xp.dot(p[h, g], values[h], out=out[h, g])
+        if self._per_query(m):
+            out = xp.empty(p.shape[:2] + (self.spec.head_dim,), dtype=xp.float32)
+            for h, start, end, values in self._head_spans(self.v, self.v_scale, layer, m):
+                for g in range(p.shape[1]):
+                    if start == 0:
+                        xp.dot(p[h, g, :end], values, out=out[h, g])
+                    else:
+                        out[h, g] += xp.dot(p[h, g, start:end], values)
             return out
+        if self.spec.kv_dtype == "float32":
+            return p @ self.v[layer, :, :m]
         out = None
         for start, end, values in self._widened_blocks(self.v, self.v_scale, layer, m):
             part = p[:, :, start:end] @ values
@@ -241,13 +245,31 @@ class KVCache:
         return out
 
     def _per_query(self, m: int) -> bool:
-        # OpenBLAS runs a few query rows against m keys as a GEMM that packs all m
-        # first; a gemv per query streams them as stored, and the group's next
-        # queries find them in L2 (512 KiB per head at 2,048 slots). Decode step
-        # time in place (median of 12 alternating rounds): 0.97x at 512 slots,
-        # 0.91x at 2,048, 0.97x at 4,000; at 32 slots 1.08x, where the 2 x 9 calls
-        # per layer cost more than they save. A GPU wants one launch, not 18.
+        # OpenBLAS runs a KV head's few query rows against m keys as a GEMM that
+        # packs all m first; a gemv per query streams them as stored (or as just
+        # widened, one head at a time), and the group's next queries find them in
+        # L2 (512 KiB per head at 2,048 slots). Decode step time in place (median
+        # of 10-12 alternating rounds, against 3-row GEMMs on 512-slot blocks of
+        # all heads): float32 0.97x at 512 slots, 0.91x at 2,048, 0.97x at 4,000;
+        # float16 0.94x, 0.82x, 0.80x; int8 0.90x at 2,048. At 32 slots 1.08x,
+        # where the 2 x 9 calls per layer cost more than they save; a GPU wants
+        # one launch, not 18.
         return self.xp is np and m >= PER_QUERY_FROM
+
+    def _head_spans(self, store: Any, scales: Any | None, layer: int,
+                    n: int) -> Iterator[tuple[int, int, int, Any]]:
+        """The first n slots of each KV head as float32 (head, start, end, (end - start, d)),
+        at most PER_QUERY_SPAN slots at a time; a widened span is valid until the next."""
+        for h in range(store.shape[1]):
+            for start in range(0, n, PER_QUERY_SPAN):
+                end = min(n, start + PER_QUERY_SPAN)
+                if self.spec.kv_dtype == "float32":
+                    yield h, start, end, store[layer, h, start:end]
+                    continue
+                span = self._k32[0, :end - start]
+                self._widen(store[layer, h, start:end], None if scales is None else scales[layer, h, start:end],
+                            span)
+                yield h, start, end, span
 
     def _widened_blocks(self, store: Any, scales: Any | None, layer: int,
                         n: int) -> Iterator[tuple[int, int, Any]]:

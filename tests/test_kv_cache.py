@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import decode_logits, greedy, hf_greedy, hf_logits, load_net, prefill_logits, save_tiny
+from runtime import kv_cache
 from runtime.backend import get_backend
 from runtime.kv_cache import KV_DTYPES, WIDEN_BLOCK, CacheSpec, KVCache
 
@@ -128,11 +129,15 @@ def test_low_precision_caches_stay_close(tiny, kv_dtype, tol):
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
 
 
+@pytest.mark.parametrize("span", [None, 300])
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_decode_products_equal_the_formula_over_several_blocks(kv_dtype):
+def test_decode_products_equal_the_formula_over_several_blocks(kv_dtype, span, monkeypatch):
     """score_keys and weigh_values, which read a float16 or int8 cache WIDEN_BLOCK slots
-    at a time, give q . K and p @ V over the cache as keys_values dequantizes it
-    whole, for slot counts within one block and across three."""
+    at a time (few slots) or one head's PER_QUERY_SPAN slots at a time (many), give
+    q . K and p @ V over the cache as keys_values dequantizes it whole, for slot
+    counts within one block and across three; span=300 splits each head in several."""
+    if span:
+        monkeypatch.setattr(kv_cache, "PER_QUERY_SPAN", span)
     n_kv, group, d, n = 3, 3, 64, 2 * WIDEN_BLOCK + 77
     spec = CacheSpec(num_layers=2, num_kv_heads=n_kv, head_dim=d, capacity=n + 8, kv_dtype=kv_dtype)
     cache = KVCache(get_backend("cpu"), spec)
