@@ -254,7 +254,7 @@ class KVCache:
         # float16 0.94x, 0.82x, 0.80x; int8 0.90x at 2,048. At 32 slots 1.08x,
         # where the 2 x 9 calls per layer cost more than they save; a GPU wants
         # one launch, not 18.
-        return self.xp is np and m >= PER_QUERY_FROM
+        return self.backend.device == "cpu" and m >= PER_QUERY_FROM
 
     def _head_spans(self, store: Any, scales: Any | None, layer: int,
                     n: int) -> Iterator[tuple[int, int, int, Any]]:
