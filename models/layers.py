@@ -11,6 +11,8 @@ import copy
 import math
 from typing import Any
 
+import numpy as np
+
 from runtime.backend import array_module as _xp
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -63,6 +65,14 @@ def _widening_matmul(x: Array, weight: Array) -> Array:
 def rms_norm(x: Array, weight: Array, eps: float, offset: float = 0.0) -> Array:
     """RMSNorm in float32; `offset=1.0` gives Gemma's (1 + weight) form."""
     xp = _xp(x)
+    if xp is np and x.shape == (1, x.size):
+        # A decode step's one row on the CPU: one BLAS dot and Python floats
+        # instead of six small array passes (61 norms a step; 0.9 ms of a 28 ms
+        # step measured). Not on a GPU, where float() would wait for the device.
+        inv_rms = 1.0 / math.sqrt(float(xp.dot(x[0], x[0])) / x.shape[-1] + eps)
+        y = x * ((weight + offset) if offset else weight)
+        y *= inv_rms
+        return y
     # a sum then a scale: np.mean's Python wrapper costs more than the math here
     variance = (x * x).sum(axis=-1, keepdims=True)
     variance *= 1.0 / x.shape[-1]

@@ -110,13 +110,14 @@ def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale:
     # exp(s - max) * widen: values scaled down by 2**-112 times weights scaled
     # up by as much keep every product a normal float32 (no denormals)
     peak = scores.max(axis=-1, keepdims=True)
-    peak -= math.log(widen)
+    if widen != 1.0:
+        peak -= math.log(widen)
     scores -= peak
     xp.exp(scores, out=scores)
     # normalize the (Hkv, G, d) output rather than the n scores
     total = scores.sum(axis=-1, keepdims=True)
     out = cache.weigh_values(layer, scores)
-    out *= widen / total
+    out /= total if widen == 1.0 else total * (1.0 / widen)
     return out.reshape(1, n_q * d)
 
 
