@@ -7,7 +7,9 @@ Prints one table: prefill 512, decode of 128 tokens after a 32-token prompt, dec
 (`generate`, greedy, its default dynamic cache; prefill: one forward asking for the
 last position's logits, as generate does), the ratio with its range over the rounds,
 and the memory-bandwidth floor: weight bytes read per token / bandwidth measured here
-by a gemv over as many bytes as the weights. The two sides alternate test by test.
+by a gemv over as many bytes as the weights, in every round next to the decode tests
+(share of the floor: the mean of the rounds' shares, with their range). The two sides
+alternate test by test.
 """
 
 from __future__ import annotations
@@ -29,15 +31,21 @@ import runtime  # noqa: E402
 from runtime.bench import run_bench  # noqa: E402
 
 
-def bandwidth_probe(n_bytes: int, repeats: int = 5) -> float:
-    """GB/s of a float32 gemv streaming n_bytes of matrix (what a decode step does)."""
-    cols = 4096
-    rows = n_bytes // 4 // cols
-    w = np.ones((rows, cols), dtype=np.float32)
-    x = np.ones(cols, dtype=np.float32)
-    w @ x
-    best = min(_timed(lambda: w @ x) for _ in range(repeats))
-    return w.nbytes / best / 1e9
+class BandwidthProbe:
+    """GB/s of a float32 gemv streaming n_bytes of matrix (what a decode step does).
+
+    Measured again in every round, next to the decode tests: this VM's bandwidth
+    drifts by 20% over minutes, and a floor measured once at the start compares
+    decode speeds of later minutes with the bandwidth of another."""
+
+    def __init__(self, n_bytes: int) -> None:
+        cols = 4096
+        self.w = np.ones((n_bytes // 4 // cols, cols), dtype=np.float32)
+        self.x = np.ones(cols, dtype=np.float32)
+        self.w @ self.x
+
+    def gbps(self, repeats: int = 5) -> float:
+        return self.w.nbytes / min(_timed(lambda: self.w @ self.x) for _ in range(repeats)) / 1e9
 
 
 def _timed(fn) -> float:
@@ -146,9 +154,7 @@ def main() -> None:
     models = {kv: runtime.load(args.model, kv_dtype=kv, progress=False) for kv in ("float32", "float16", "int8")}
     m32 = models["float32"]
     weight_bytes = sum(int(np.prod(s)) for s in m32.net.expected_shapes(m32.config).values()) * 4
-    gbps = bandwidth_probe(weight_bytes)
-    floor = gbps * 1e9 / weight_bytes
-    print(f"# weights {weight_bytes / 1e6:.0f} MB; gemv bandwidth {gbps:.1f} GB/s -> decode floor {floor:.1f} tokens/s")
+    probe = BandwidthProbe(weight_bytes)
 
     # Ours and HF's alternate, test by test within each round, so that the
     # machine's drift (+-20% here over minutes) falls on both sides alike.
@@ -162,20 +168,28 @@ def main() -> None:
                                                      "depth")
     ours: dict[str, list[float]] = {name: [] for name in tests}
     theirs: dict[str, list[float]] = {name: [] for name in tests}
+    floors: list[float] = []  # tokens/s, one per round
     for _ in range(args.repetitions):
         this_round: dict[str, float] = {}
         for name, (ours_fn, hf_key) in tests.items():
+            if hf_key == "decode":
+                floors.append(probe.gbps() * 1e9 / weight_bytes)
             ours[name].append(ours_fn())
             if hf is not None:
                 if hf_key not in this_round:
                     this_round[hf_key] = hf_runs[hf_key]()
                 theirs[name].append(this_round[hf_key])
 
+    del probe
+    floor = statistics.fmean(floors)
+    print(f"# weights {weight_bytes / 1e6:.0f} MB; gemv bandwidth {floor * weight_bytes / 1e9:.1f} GB/s "
+          f"(rounds {min(floors) * weight_bytes / 1e9:.1f}-{max(floors) * weight_bytes / 1e9:.1f}) "
+          f"-> decode floor {floor:.1f} tokens/s")
     startup = startup_and_memory(m32)
     print(f"# cli.py generate: first token after {startup['first_token_s']:.2f} s; peak RSS "
           f"{startup['peak_rss_mb']:.0f} MB vs weights {startup['weights_mb']:.0f} MB + KV "
           f"{startup['kv_mb']:.0f} MB + 300 MB = {startup['budget_mb']:.0f} MB")
-    print("\n| test | ours tokens/s | HF tokens/s | ours / HF (range over rounds) | floor tokens/s | ours / floor |")
+    print("\n| test | ours tokens/s | HF tokens/s | ours / HF (range over rounds) | floor tokens/s | ours / floor (range) |")
     print("|---|---|---|---|---|---|")
     for name, values in ours.items():
         value = statistics.fmean(values)
@@ -187,7 +201,9 @@ def main() -> None:
         else:
             versus = "- | -"
         # the bandwidth floor is a decode figure: prefill is bound by compute
-        bound = f"{floor:.1f} | {100 * value / floor:.0f}%" if name.startswith("decode") else "- | -"
+        shares = [100 * a / f for a, f in zip(values, floors)]
+        bound = (f"{floor:.1f} | {statistics.fmean(shares):.0f}% ({min(shares):.0f}-{max(shares):.0f})"
+                 if name.startswith("decode") else "- | -")
         print(f"| {name} | {value:.1f} | {versus} | {bound} |")
 
 
