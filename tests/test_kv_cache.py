@@ -180,6 +180,21 @@ def test_int8_bytes_per_token_at_most_0_3_of_float32():
     assert i8 <= 0.3 * f32
 
 
+def test_int8_dequantize_is_exactly_values_times_their_group_scales():
+    """The scales widened by their bits and spread by a matmul give q * scale exactly
+    (times widen_factor), for a zero scale, float16 subnormals and the largest."""
+    spec = CacheSpec(1, 2, 64, 8, "int8", n_sink=0)
+    cache = KVCache(get_backend("cpu"), spec)
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (2, 8, 64)).astype(np.int8)
+    scale = rng.random((2, 8, 64 // spec.int8_group)).astype(np.float16)
+    scale[0, 0] = [0.0, 6e-8, 3e-5, 65504.0]
+    expected = q.astype(np.float64) * np.repeat(scale.astype(np.float64), spec.int8_group, axis=-1)
+    got = cache._dequantize(q, scale)
+    assert got.dtype == np.float32
+    assert np.array_equal(got.astype(np.float64) * cache.widen_factor, expected)
+
+
 def test_int8_round_trip_error_is_bounded():
     spec = CacheSpec(1, 2, 64, 8, "int8", n_sink=0)
     cache = KVCache(get_backend("cpu"), spec)

@@ -109,3 +109,21 @@ def test_activations_stay_float32(tmp_path):
     net.block = spy
     prefill_logits(net, spec, prompt()[:8])
     assert seen and all(d == np.float32 for d in seen)
+
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_of_one_row_matches_the_formula(offset):
+    """A decode step's one row (a BLAS dot on the CPU) and a chunk's rows (array passes)
+    both give x / rms(x) * (weight + offset), in float32."""
+    from models.layers import rms_norm
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 576)).astype(np.float32) * 4
+    weight = rng.standard_normal(576).astype(np.float32)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5) * (weight + offset)
+    one_by_one = np.concatenate([rms_norm(x[i:i + 1], weight, 1e-5, offset) for i in range(3)])
+    for got in (one_by_one, rms_norm(x, weight, 1e-5, offset)):
+        assert got.dtype == np.float32
+        assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
