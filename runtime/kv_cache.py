@@ -99,6 +99,10 @@ class KVCache:
             scale_shape = shape[:-1] + (spec.head_dim // spec.int8_group,)
             self.k_scale = backend.zeros(scale_shape, self.xp.float16)
             self.v_scale = backend.zeros(scale_shape, self.xp.float16)
+            # (groups, head_dim) 0/1, row j 1 over group j's channels: spreads
+            # each scale over its group by a matmul (see _dequantize)
+            self._spread = self.xp.repeat(self.xp.eye(scale_shape[-1], dtype=self.xp.float32),
+                                          spec.int8_group, axis=1)
         # Attention reads float32. A float16 or int8 layer is widened into these
         # two buffers (one layer at a time, reused by every layer and step), so
         # reading the cache never allocates memory that grows with the sequence.
@@ -107,7 +111,6 @@ class KVCache:
             self._k32 = backend.zeros(shape[1:], self.xp.float32)
             self._v32 = backend.zeros(shape[1:], self.xp.float32)
         self._scores: Any = None
-        self._spread_matrix: Any = None
         # Host-side bookkeeping: positions are known on the host, so reading them
         # never costs a device round trip.
         self.slot_pos = np.full(spec.capacity, -1, dtype=np.int64)
@@ -376,15 +379,6 @@ class KVCache:
         _f16_bits_widened(xp, scale, scale32)
         out *= scale32 @ self._spread
         return out
-
-    @property
-    def _spread(self) -> Any:
-        """(groups, head_dim) 0/1: row j is 1 over group j's channels."""
-        if self._spread_matrix is None:
-            g = self.spec.int8_group
-            groups = self.spec.head_dim // g
-            self._spread_matrix = self.xp.repeat(self.xp.eye(groups, dtype=self.xp.float32), g, axis=1)
-        return self._spread_matrix
 
 
 def _f16_bits_widened(xp: Any, half: Any, out: Any) -> None:
