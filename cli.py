@@ -48,7 +48,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="model folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float16"), help="weight dtype (default: float32 on cpu)")
-    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="float16", help="KV-cache storage (default float16)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES,
+                   help="KV-cache storage (default: the weight dtype; float16 halves it, int8 quarters it)")
     p.add_argument("--ctx", type=positive_int, help="context size in tokens (default: model's, at most 4096)")
 
 

@@ -137,7 +137,7 @@ def startup_and_memory(model: "runtime.Model", tokens: int = 128) -> dict[str, f
     child.wait()
     peak_kb = max(int(line.split()[1]) for line in err.splitlines() if line.startswith("PEAK_RSS_KB"))
     weights = sum(int(np.prod(s)) for s in model.net.expected_shapes(model.config).values()) * 4
-    kv = runtime.load(kv_dtype="float16", progress=False).cache_spec.nbytes
+    kv = runtime.load(progress=False).cache_spec.nbytes  # the cache cli.py generate makes
     return {"first_token_s": first, "peak_rss_mb": peak_kb / 1024, "weights_mb": weights / 2**20,
             "kv_mb": kv / 2**20, "budget_mb": (weights + kv) / 2**20 + 300}
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, needs_default_model
@@ -108,6 +109,21 @@ def test_info_reports_what_the_cache_allocates(kv_dtype):
     assert total == sum(a.nbytes for a in arrays) == per_token * 1000
     assert "parameters:     134,515,008" in out
     assert "architecture:   llama (30 layers, hidden 576, 9 heads, 3 KV heads, head_dim 64)" in out
+
+
+@needs_default_model
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_the_cache_defaults_to_the_weight_dtype(dtype):
+    """float32 weights (the CPU's default) get a float32 cache, float16 weights a float16 one."""
+    import runtime
+
+    result = run("info", "--ctx", "64", *(["--dtype", dtype] if dtype else []))
+    assert result.returncode == 0, result.stderr.decode()
+    expected = dtype or "float32"
+    assert f"KV cache:       {expected}, " in result.stdout.decode()
+    model = runtime.load(dtype=dtype, max_context=64, progress=False)
+    cache = model.new_cache()
+    assert model.cache_spec.kv_dtype == expected and cache.k.dtype == cache.v.dtype == np.dtype(expected)
 
 
 @needs_default_model

@@ -532,7 +532,7 @@ def test_huge_context_refused_before_allocation() -> None:
     line = one_line_error(run("info", "--ctx", "100000000"), "not enough memory", "100,000,000 tokens")
     need, available = re.search(r"need ([\d,]+) MiB, ([\d,]+) MiB available", line).groups()
     assert int(need.replace(",", "")) > int(available.replace(",", "")) > 0
-    assert "KV cache 2,197,266 MiB" in line  # 30 layers x 3 KV heads x 64 x 2 (K, V) x 2 bytes x 1e8 tokens
+    assert "KV cache 4,394,531 MiB" in line  # 30 layers x 3 KV heads x 64 x 2 (K, V) x 4 bytes (float32) x 1e8 tokens
 
 
 def test_prompt_longer_than_context_rides_the_ring_buffer(tiny: Path) -> None:
