@@ -9,7 +9,9 @@ last position's logits, as generate does), the ratio with its range over the rou
 and the memory-bandwidth floor: weight bytes read per token / bandwidth measured here
 by a gemv over as many bytes as the weights, sustained over a second, in every round
 next to the decode tests (share of the floor: the mean of the rounds' shares, with their
-range). The two sides alternate test by test.
+range). The two sides alternate test by test. Both run with the malloc setting loading
+our runtime makes (runtime.backend.keep_freed_memory, process-wide), from which torch's
+prefill gains about as much as ours.
 """
 
 from __future__ import annotations
