@@ -42,7 +42,6 @@ def test_rss_flat_over_4000_decoded_tokens(tmp_path, kv_dtype):
     assert abs(rss_bytes() - after_500) <= 2 * 2**20
 
 
-
 _PREFILL_FAULTS = """
 import resource
 import numpy as np
