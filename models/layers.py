@@ -120,7 +120,10 @@ class Rotary:
                  rotary_dim: int | None = None) -> None:
         self.xp = xp
         self.dim = rotary_dim or head_dim
-        powers = theta ** (xp.arange(0, self.dim, 2, dtype=xp.int64).astype(xp.float32) / self.dim)
+        exponents = xp.arange(0, self.dim, 2, dtype=xp.int64).astype(xp.float32) / self.dim
+        # the float32 power correctly rounded, as torch computes it: NumPy's float32 pow is
+        # 1 ulp off for some bases (50,000: 2 of 8 frequencies), which HF parity notices
+        powers = (theta ** exponents.astype(xp.float64)).astype(xp.float32)
         self.inv_freq = _scale_inv_freq(xp, (1.0 / powers).astype(xp.float32), scaling)
         self.long_inv_freq: Array | None = None
         self.original_max = 0
