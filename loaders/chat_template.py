@@ -14,7 +14,9 @@ BOS, and HF tokenizes with `add_special_tokens=False` so that it does not appear
 
 from __future__ import annotations
 
+import ctypes
 import json
+import threading
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -31,6 +33,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from loaders.errors import ModelError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# Seconds a render may take. Real templates render a conversation in milliseconds
+# (the largest here, Qwen2.5's with tools, in about 1 ms); a hostile one can loop for
+# hours within jinja2's range limit (nested loops of 100,000 each).
+RENDER_BUDGET_S = 2.0
 EXTRA_TEMPLATES_DIR = "additional_chat_templates"
 
 # Names a message's reasoning travels under; HF copies the first one found to
@@ -208,7 +215,12 @@ def render_chat_template(
     variables["messages"] = _prepare_messages(messages)
     variables["add_generation_prompt"] = add_generation_prompt
     try:
-        return compiled.render(**variables)
+        return _within_budget(lambda: compiled.render(**variables), RENDER_BUDGET_S)
+    except _OverBudget:
+        raise ModelError(
+            f"chat template ran past its budget of {RENDER_BUDGET_S:g} s and was stopped "
+            "(a loop that never ends in time?)"
+        ) from None
     except _TemplateRaised as exc:
         raise ModelError(f"chat template error: {_one_line(exc.message or '')}") from None
     except SecurityError as exc:
@@ -221,6 +233,40 @@ def render_chat_template(
         raise ModelError(
             f"chat template failed: {type(exc).__name__}: {_one_line(str(exc))}"
         ) from None
+
+
+class _OverBudget(BaseException):
+    """Raised inside a render that ran too long; a BaseException so that nothing the
+    template calls can swallow it as an ordinary error."""
+
+
+def _within_budget(render: Any, seconds: float) -> str:
+    """render() in this thread, stopped with _OverBudget once it runs past `seconds`.
+
+    A timer thread raises the exception asynchronously in this one
+    (PyThreadState_SetAsyncExc): the compiled template is Python bytecode, so it
+    stops at its next instruction, wherever the loop is. The lock makes "done" and
+    "stop it" exclusive, and a stop that raced the end of the render is cleared.
+    """
+    thread = ctypes.c_ulong(threading.get_ident())
+    lock = threading.Lock()
+    done = False
+
+    def stop() -> None:
+        with lock:
+            if not done:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, ctypes.py_object(_OverBudget))
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return render()
+    finally:
+        with lock:
+            done = True
+            timer.cancel()
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(thread, None)  # one set too late is dropped
 
 
 def find_chat_template(
