@@ -8,8 +8,13 @@ because the template writes them itself (no double BOS).
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -17,9 +22,14 @@ from loaders.config import read_json
 from loaders.errors import ModelError
 
 
+T = TypeVar("T")
+
+
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None,
+                 source: str = "tokenizer.json") -> None:
         self.tokenizer = tokenizer
+        self.source = source  # named in errors
         self.config = config or {}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
@@ -31,13 +41,10 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise ModelError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
-        try:
-            tokenizer = HFTokenizer.from_file(str(path))
-        except Exception as exc:  # the Rust library raises a bare Exception
-            raise ModelError(f"{path}: cannot load tokenizer ({exc})") from None
+        tokenizer = guarded(str(path), "loading", lambda: HFTokenizer.from_file(str(path)))
         config_path = folder / "tokenizer_config.json"
         config = read_json(config_path) if config_path.is_file() else {}
-        return cls(tokenizer, config)
+        return cls(tokenizer, config, str(path))
 
     @property
     def vocab_size(self) -> int:
@@ -47,10 +54,13 @@ class Tokenizer:
         return None if token is None else self.tokenizer.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return guarded(self.source, "encoding",
+                       lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        return guarded(self.source, "decoding",
+                       lambda: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -89,6 +99,63 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return text[len(done):]
+
+
+def guarded(source: str, doing: str, call: Callable[[], T]) -> T:
+    """call() into the `tokenizers` library, whose failures become one ModelError.
+
+    Its Rust code panics on some inputs (a pre-tokenizer regex that backtracks past
+    Oniguruma's retry limit, say): the panic arrives as pyo3's PanicException, a
+    BaseException, after Rust's panic hook has written its own lines to file
+    descriptor 2. So the call runs with fd 2 held aside; what it wrote is passed on
+    unless the call failed, when the one-line error says it instead.
+    """
+    with _stderr_held() as held:
+        try:
+            return call()
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - PanicException derives from BaseException
+            held.discard = True
+            what = " ".join(str(exc).split()) or type(exc).__name__
+            kind = "panicked" if type(exc).__name__ == "PanicException" else "failed"
+            raise ModelError(f"{source}: the tokenizers library {kind} {doing} ({what})") from None
+
+
+_HELD_LOCK = threading.Lock()
+_held_file: Any = None
+
+
+class _Held:
+    discard = False
+
+
+@contextmanager
+def _stderr_held() -> Iterator[_Held]:
+    """fd 2 pointed at a scratch file for the block; what was written there goes on to
+    the real fd 2 at the end unless the block sets `discard`. Other threads' writes in
+    that window are delayed, not lost (unless discarded with a panic's)."""
+    global _held_file
+    with _HELD_LOCK:
+        if _held_file is None:
+            _held_file = tempfile.TemporaryFile()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(_held_file.fileno(), 2)
+        held = _Held()
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            fd = _held_file.fileno()
+            size = os.fstat(fd).st_size
+            if size:
+                written = os.pread(fd, size, 0)
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)  # fd 2's writes went through this same offset
+                if not held.discard:
+                    os.write(2, written)
 
 
 def _token_text(token: Any) -> str | None:
