@@ -13,10 +13,15 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from loaders.errors import ModelError
 from runtime.kv_cache import KVCache
 from runtime.sampling import Sampler
 
 DEFAULT_PREFILL_CHUNK = 512
+
+
+class NonFiniteLogits(ModelError):
+    """The logits to sample from hold NaN or Inf: the weights or an activation are broken."""
 
 
 @dataclass
@@ -61,9 +66,11 @@ def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Samp
     """Prefill `prompt` (tokens not yet in the cache) and yield up to max_tokens new ids.
 
     A stop id ends the loop and is not yielded. Only the chosen id crosses from
-    the device to the host each step.
+    the device to the host each step: it is -1 when the row it was drawn from is
+    not finite, which raises NonFiniteLogits (the check costs one pass over one
+    row of logits, not one over every activation).
     """
-    backend = net.backend
+    backend, xp = net.backend, net.xp
     # what the repetition penalty looks back on, bounded: nothing in the loop grows
     history = deque(prompt[-sampler.params.repeat_last_n:], maxlen=sampler.params.repeat_last_n)
     start = time.perf_counter()
@@ -74,7 +81,10 @@ def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Samp
     stats.stop_reason = "length"
     decode_start = time.perf_counter()
     for n in range(max_tokens):
-        token = backend.to_int(sampler(logits[-1], history))
+        row = logits[-1]
+        token = backend.to_int(xp.where(xp.isfinite(row).all(), sampler(row, history), -1))
+        if token < 0:
+            raise NonFiniteLogits(f"the logits are not finite (NaN or Inf) after {len(prompt) + n} tokens")
         if n == 0:
             stats.first_token_seconds = time.perf_counter() - start
             decode_start = time.perf_counter()

@@ -36,6 +36,13 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_z - shifted[np.arange(len(targets)), targets]
 
 
+def _finite(model: Any, nll: np.ndarray, start: int) -> np.ndarray:
+    if not np.isfinite(nll).all():
+        raise ModelError(f"the logits are not finite (NaN or Inf) in the window at token {start}: "
+                         f"{model.nonfinite_weight_report()}")
+    return nll
+
+
 def windowed(model: Any, ids: Sequence[int], ctx: int,
              progress: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
     if len(ids) < 2 * 2 or ctx < 4:
@@ -48,7 +55,7 @@ def windowed(model: Any, ids: Sequence[int], ctx: int,
         window = list(ids[start:start + ctx])
         logits = model.backend.to_host(prefill(model.net, model.new_cache(), window, model.options.prefill_chunk,
                                                all_logits=True))
-        nll = token_nll(logits[first - 1:-1], np.asarray(window[first:]))
+        nll = _finite(model, token_nll(logits[first - 1:-1], np.asarray(window[first:])), start)
         total, count, n_windows = total + float(nll.sum()), count + len(nll), n_windows + 1
         if progress:
             progress(n_windows, (len(ids) - ctx) // ctx + 1, math.exp(total / count))
@@ -69,7 +76,7 @@ def rolling(model: Any, ids: Sequence[int], skip: int = 0,
         part = list(ids[start:start + chunk])
         logits = model.backend.to_host(prefill(model.net, cache, part, chunk, all_logits=True))
         targets = np.asarray(ids[start + 1:start + 1 + len(part)])
-        nll = token_nll(logits[:len(targets)], targets)
+        nll = _finite(model, token_nll(logits[:len(targets)], targets), start)
         keep = np.arange(start, start + len(targets)) >= skip
         total, count = total + float(nll[keep].sum()), count + int(keep.sum())
         if progress and count:

@@ -276,7 +276,7 @@ class DeviceArray:
     __slots__ = ("_a", "_xp")
     __array_ufunc__ = None  # NumPy ufuncs and operators with a host array defer to / refuse us
     ATTRIBUTES = {"shape", "dtype", "ndim", "size", "nbytes", "itemsize"}
-    METHODS = {"astype", "reshape", "transpose", "max", "min", "sum", "mean", "copy", "fill", "argmax",
+    METHODS = {"all", "astype", "reshape", "transpose", "max", "min", "sum", "mean", "copy", "fill", "argmax",
                "argsort", "cumsum", "ravel", "squeeze", "view"}
 
     def __init__(self, a: np.ndarray, xp: "FakeDevice") -> None:
