@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from loaders.errors import ModelError
 
@@ -44,6 +44,14 @@ min_p = _number(float, "min-p (in [0, 1))", lambda v: 0 <= v < 1)
 penalty = _number(float, "penalty (> 0)", lambda v: v > 0)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is the error line and a pointer to --help (as git and
+    cargo do), not the whole usage block; exit status 2 as before."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nFor more information, try '{self.prog} --help'.\n")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="model folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -65,7 +73,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cli.py", description="A NumPy LLM inference runtime.")
+    parser = Parser(prog="cli.py", description="A NumPy LLM inference runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="talk with a model (the model's own chat template)")
@@ -78,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as-is, without the chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--truncate-prompt", action="store_true",
+                     help="a prompt longer than the context keeps its first (sink) and last tokens "
+                          "instead of being refused")
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity style)")
     add_model_args(ppl)
@@ -104,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ---------------------------------------------------------------------
 def load_model(args: argparse.Namespace) -> Any:
-    import runtime  # noqa: PLC0415  (argparse errors should not wait for NumPy)
+    import numpy  # noqa: PLC0415  (argparse errors should not wait for NumPy)
+
+    import runtime  # noqa: PLC0415
+
+    # NaN or Inf reaching the logits is one error line of the runtime's (which weight,
+    # which token); NumPy's warnings on the way there would only add lines before it
+    numpy.seterr(all="ignore")
 
     start = time.perf_counter()
     model = runtime.load(args.model, device=args.device, dtype=args.dtype, kv_dtype=args.kv_dtype,
@@ -122,8 +139,16 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load_model(args)
-    for piece in model.stream(prompt, max_tokens=args.max_tokens, raw=args.raw, system=args.system,
-                              ignore_eos=args.ignore_eos, **sampling(args)):
+    ids = model.encode_prompt(prompt, raw=args.raw, system=args.system)
+    try:
+        fitted = model.fit_prompt(ids, args.max_tokens, truncate=args.truncate_prompt)
+    except ModelError as exc:
+        raise ModelError(f"{exc}, or keep its last tokens with --truncate-prompt") from None
+    if len(fitted) < len(ids):
+        log(f"the prompt is {len(ids):,} tokens, longer than the context of {model.cache_spec.capacity:,}: "
+            f"keeping its first {min(len(fitted), model.cache_spec.n_sink)} and last "
+            f"{len(fitted) - min(len(fitted), model.cache_spec.n_sink):,} tokens")
+    for piece in model.stream(fitted, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -76,18 +76,25 @@ class ChatSession:
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the reply; the reply joins the history even if
         the caller stops early (Ctrl-C)."""
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
-        ids, dropped = self._fitting_prompt()
-        stats = TurnStats(dropped_turns=dropped)
+        try:
+            ids, dropped = self._fitting_prompt()
+            # a message that alone is longer than the context is refused, before the cache is touched
+            self.model.fit_prompt(ids, self.max_tokens)
+        except ModelError:
+            self.messages = before  # the conversation stays as it was, its cache too
+            raise
         common = self._reuse_prefix(ids)
+        tokens = self.model.tokens(ids[common:], max_tokens=self.max_tokens, cache=self.cache, **self.sampling)
+        stats = TurnStats(dropped_turns=dropped)
         stats.reused_tokens, stats.prefilled_tokens = common, len(ids) - common
         reply = {"role": "assistant", "content": ""}
         self.messages.append(reply)
         decoder = self.model.tokenizer.stream_decoder()
         generated: list[int] = []
         try:
-            for token in self.model.tokens(ids[common:], max_tokens=self.max_tokens, cache=self.cache,
-                                           **self.sampling):
+            for token in tokens:
                 generated.append(token)
                 piece = decoder.push(token)
                 reply["content"] += piece

@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from loaders.chat_template import find_chat_template, generation_end_markers, render_chat_template
+from loaders.chat_template import CHAT_TEMPLATE_FILE, find_chat_template, generation_end_markers, render_chat_template
 from loaders.config import ModelConfig, read_json
 from loaders.errors import ModelError
 from loaders.resolve import resolve_model
@@ -23,7 +24,7 @@ from loaders.safetensors import Checkpoint
 from loaders.tokenizer import Tokenizer
 from models import architecture
 from runtime.backend import Backend, get_backend
-from runtime.generate import DEFAULT_PREFILL_CHUNK, GenerationStats, decode_tokens, prefill
+from runtime.generate import DEFAULT_PREFILL_CHUNK, GenerationStats, NonFiniteLogits, decode_tokens, prefill
 from runtime.kv_cache import DEFAULT_SINKS, KV_DTYPES, CacheSpec, HybridCache, HybridSpec, KVCache, new_cache
 from runtime.sampling import Sampler, SamplingParams
 
@@ -125,6 +126,14 @@ def available_memory(backend: Backend) -> int | None:
     return None
 
 
+def _forward_order(name: str) -> tuple[int, int]:
+    """Sort key of a tensor name: embeddings, then the layers in order, then the rest."""
+    layer = re.search(r"\.(\d+)\.", name)
+    if layer:
+        return 1, int(layer.group(1))
+    return (0 if re.search(r"embed|wte|wpe", name) else 2), 0
+
+
 class Model:
     """A loaded model with its tokenizer, chat template and generation settings."""
 
@@ -138,6 +147,9 @@ class Model:
         self.options = options
         self.cache_spec = spec
         self.chat_template = find_chat_template(folder, tokenizer.config)
+        # where the template came from, to name it in its errors (as find_chat_template chooses)
+        jinja = folder / CHAT_TEMPLATE_FILE
+        self.chat_template_source = str(jinja if jinja.is_file() else folder / "tokenizer_config.json")
         generation = folder / "generation_config.json"
         self.generation_config = read_json(generation) if generation.is_file() else {}
         self.stop_ids = self._stop_ids()
@@ -154,9 +166,12 @@ class Model:
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **context: Any) -> str:
         if not self.chat_template:
             raise ModelError(f"{self.folder}: the model has no chat template; use raw=True / --raw")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.tokenizer.bos_token or "",
-                                    eos_token=self.tokenizer.eos_token or "", **context)
+        try:
+            return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.tokenizer.bos_token or "",
+                                        eos_token=self.tokenizer.eos_token or "", **context)
+        except ModelError as exc:
+            raise ModelError(f"{self.chat_template_source}: {exc}") from None
 
     def encode_prompt(self, prompt: str | Sequence[int], *, raw: bool = False,
                       system: str | None = None) -> list[int]:
@@ -181,19 +196,66 @@ class Model:
     def tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                seed: int | None = None, ignore_eos: bool = False, raw: bool = False,
-               system: str | None = None, cache: KVCache | None = None) -> Iterator[int]:
-        """Generated token ids, one at a time (the layer under stream and generate)."""
+               system: str | None = None, cache: KVCache | None = None,
+               truncate: bool = False) -> Iterator[int]:
+        """Generated token ids, one at a time (the layer under stream and generate).
+
+        A prompt longer than the context is refused (ModelError) unless `truncate`
+        (see fit_prompt): prefilling it would only feed the ring buffer tokens it
+        evicts again.
+        """
         if max_tokens < 0:
             raise ModelError(f"max_tokens must be >= 0, got {max_tokens}")
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         ids = self.encode_prompt(prompt, raw=raw, system=system)
         if not ids:
             raise ModelError("the prompt is empty")
+        ids = self.fit_prompt(ids, max_tokens, truncate=truncate, cache=cache)
         cache = cache or self.new_cache()
         self.stats = GenerationStats()
         stop = set() if ignore_eos else self.stop_ids
-        return decode_tokens(self.net, cache, ids, Sampler(self.backend.xp, params), max_tokens=max_tokens,
-                             stop_ids=stop, stats=self.stats, prefill_chunk=self.options.prefill_chunk)
+        return self._diagnosed(decode_tokens(self.net, cache, ids, Sampler(self.backend.xp, params),
+                                             max_tokens=max_tokens, stop_ids=stop, stats=self.stats,
+                                             prefill_chunk=self.options.prefill_chunk))
+
+    def fit_prompt(self, ids: list[int], max_tokens: int, *, truncate: bool = False,
+                   cache: KVCache | None = None) -> list[int]:
+        """ids if they fit the context after what `cache` holds; else a ModelError with
+        the numbers, or with `truncate` the sink tokens and the last tokens that leave
+        room for min(max_tokens, a quarter of the context) new ones, which is what the
+        ring would have kept of them."""
+        held = cache.length if cache is not None else 0
+        capacity = cache.capacity if cache is not None else self.cache_spec.capacity
+        room = capacity - held
+        if len(ids) <= room:
+            return ids
+        if not truncate or room < 1:
+            raise ModelError(f"the prompt is {len(ids):,} tokens, longer than the context of {capacity:,}"
+                             + (f" ({held:,} already in use)" if held else "") + "; shorten it or raise --ctx")
+        keep = room - min(max_tokens, room // 4)
+        head = max(0, min(self.cache_spec.n_sink - held, keep))
+        return ids[:head] + ids[len(ids) - (keep - head):]
+
+    def _diagnosed(self, tokens: Iterator[int]) -> Iterator[int]:
+        """The tokens; non-finite logits are reported with the first weight that holds
+        NaN or Inf, found by reading the checkpoint again (only on that path)."""
+        try:
+            yield from tokens
+        except NonFiniteLogits as exc:
+            raise ModelError(f"{exc}: {self.nonfinite_weight_report()}") from None
+
+    def nonfinite_weight_report(self) -> str:
+        """Which checkpoint tensor first (in forward order) holds NaN or Inf, in words."""
+        checkpoint = Checkpoint(self.folder)
+        shapes = self.net.expected_shapes(self.config)
+        for name in sorted(shapes, key=_forward_order):
+            values = checkpoint.get(name, shapes[name])
+            bad = ~np.isfinite(values)
+            if bad.any():
+                kind = "NaN" if np.isnan(values).any() else "Inf"
+                return f"weight {name} holds {kind} ({int(bad.sum()):,} of {values.size:,} values)"
+        return (f"every weight is finite, so an activation overflowed "
+                f"({self.backend.dtype} weights{'; try --dtype float32' if self.backend.dtype != 'float32' else ''})")
 
     def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
         """Text pieces as they are decoded (never a broken UTF-8 character)."""

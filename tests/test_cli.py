@@ -68,10 +68,19 @@ def test_hub_id_without_network_or_cache(tmp_path):
     ["generate", "--prompt", "x", "--no-such-flag"],
     ["generate", "--prompt", "x", "--kv-dtype", "int4"],
 ])
-def test_bad_flags_exit_2_with_usage(args):
-    result = run(*args)
+def test_bad_flags_exit_2_with_one_line_and_help(args):
+    flag_error(run(*args))
+
+
+def flag_error(result: subprocess.CompletedProcess) -> str:
+    """A bad flag: the one error line, then a pointer to --help; exit status 2."""
     err = result.stderr.decode()
-    assert result.returncode == 2 and err.startswith("usage:") and "Traceback" not in err
+    assert result.returncode == 2, err
+    assert "Traceback" not in err and "usage:" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert ": error: " in lines[0] and "--help" in lines[1], err
+    return lines[0]
 
 
 @needs_default_model

@@ -171,7 +171,7 @@ def test_cli_prompt_longer_than_n_positions(tiny) -> None:
 
     result = run("generate", "--model", str(tiny[0]), "--raw", "--prompt", "a" * 200)
     line = error_after_load(result)
-    assert "200 tokens do not fit" in line and "n_positions=128" in line
+    assert "the prompt is 200 tokens, longer than the context of 128" in line
     assert result.stdout.decode() == ""
 
 
