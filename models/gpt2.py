@@ -197,20 +197,22 @@ class GPT2:
     # -- the forward pass -----------------------------------------------------
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> Array:
         """Logits (T, vocab) float32 (last row only unless all_logits) for tokens (T,)."""
-        start = self.check_positions(cache, len(tokens))
-        cache.begin(len(tokens))
-        h = self.embed(tokens, start)
+        positions = cache.begin(len(tokens))
+        self.check_positions(cache, positions)
+        h = self.embed(tokens, positions)
         for n, block in enumerate(self.blocks):
             h = self.block(h, block, n, cache)
         cache.end()
         if not all_logits:
-            h = h[-1:]
+            h = h[cache.logit_rows]
         return linear(layer_norm(h, self.ln_f, self.ln_f_bias, self.config.layer_norm_epsilon), self.lm_head)
 
-    def embed(self, tokens: np.ndarray, start: int) -> Array:
+    def embed(self, tokens: np.ndarray, positions: np.ndarray) -> Array:
         xp = self.xp
-        positions = self.wpe[start:start + len(tokens)].astype(xp.float32)
-        return self.wte[xp.asarray(tokens)].astype(xp.float32) + positions
+        # one sequence's positions are a run (a slice of the table); a batch's are not
+        run = positions[-1] - positions[0] == len(positions) - 1
+        learned = self.wpe[int(positions[0]):int(positions[-1]) + 1] if run else self.wpe[xp.asarray(positions)]
+        return self.wte[xp.asarray(tokens)].astype(xp.float32) + learned.astype(xp.float32)
 
     def block(self, h: Array, b: Block, n: int, cache: KVCache) -> Array:
         eps = self.config.layer_norm_epsilon
@@ -227,14 +229,14 @@ class GPT2:
     def mlp(self, x: Array, b: Block) -> Array:
         return linear(gelu_tanh(linear(x, b.c_fc, b.c_fc_bias)), b.mlp_proj, b.mlp_proj_bias)
 
-    def check_positions(self, cache: KVCache, n_new: int) -> int:
-        """The position of the first new token; ModelError if the call needs one the model lacks.
+    def check_positions(self, cache: KVCache, positions: np.ndarray) -> None:
+        """ModelError if the call needs a position the model lacks.
 
         The ring must not wrap either (only a --ctx below n_positions lets it):
         Llama's sinks are re-rotated to sit next to the window once tokens are
         evicted, but a learned absolute position cannot be moved.
         """
-        start, end = cache.offset, cache.offset + n_new
+        end = int(positions.max()) + 1
         limit = self.config.n_positions
         if end > limit:
             raise ModelError(f"gpt2: {end} tokens do not fit: the model has learned positions for only "
@@ -242,7 +244,6 @@ class GPT2:
         if end > cache.capacity:
             raise ModelError(f"gpt2: {end} tokens do not fit in the context of {cache.capacity} tokens; "
                              f"learned positions cannot slide, so raise --ctx (at most n_positions={limit})")
-        return start
 
 
 def attention_scale(c: GPT2Config, layer: int) -> float:

@@ -122,13 +122,14 @@ class Llama:
 
     # -- the forward pass -----------------------------------------------------
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> Array:
-        """Logits (T, vocab) float32 (last row only unless all_logits) for tokens (T,)."""
+        """Logits (T, vocab) float32 for tokens (T,): only the last row (each sequence's
+        last, for a batch: cache.logit_rows) unless all_logits."""
         ropes = self.ropes(cache.begin(len(tokens)), cache)
         h = self.embed(tokens)
         for n, layer in enumerate(self.layers):
             h = self.block(h, layer, n, cache, ropes[n])
         cache.end()
-        return self.logits(h if all_logits else h[-1:])
+        return self.logits(h if all_logits else h[cache.logit_rows])
 
     def embed(self, tokens: np.ndarray) -> Array:
         return self.embed_tokens[self.xp.asarray(tokens)].astype(self.xp.float32)

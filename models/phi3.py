@@ -129,8 +129,16 @@ class Phi3(Llama):
         return cls(config, backend, weights)
 
     # -- the forward pass -----------------------------------------------------
+    @property
+    def batch_context_limit(self) -> int | None:
+        """Sequences batched together share one rotary, so they must stay in LongRoPE's
+        short regime: the engine caps their context at the switch."""
+        return self.rotary.original_max if self.longrope else None
+
     def forward(self, tokens: Sequence[int], cache: KVCache, all_logits: bool = False) -> Any:
-        if self.longrope:
+        if self.longrope and cache.batched:
+            self.rotaries = [self.regimes[False]] * self.config.num_hidden_layers
+        elif self.longrope:
             self._pick_longrope_factors(tokens, cache)
         return super().forward(tokens, cache, all_logits)
 

@@ -32,6 +32,10 @@ def attend(q: Array, k: Array, v: Array, cache: KVCache, layer: int, *, scale: f
     the positions the sink tokens should see it at (see Llama._sink_rope); it
     scores the sink slots.
     """
+    if cache.batched:
+        # several sequences' tokens (runtime.paged_cache.SequenceBatch): each attends over its own cache
+        return cache.xp.concatenate([attend(q[:, s:e], k[:, s:e], v[:, s:e], ring, layer, scale=scale,
+                                            softcap=softcap) for ring, s, e in cache.parts(layer)])
     if q.shape[1] == 1:
         return _attend_one(q, k, v, cache, layer, scale, softcap, q_sink)
     xp = cache.xp

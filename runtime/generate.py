@@ -60,6 +60,16 @@ def prefill(net: Any, cache: KVCache, ids: Sequence[int], chunk: int = DEFAULT_P
     return logits
 
 
+def draw(backend: Any, sampler: Sampler, row: Any, history: Sequence[int], n_seen: int) -> int:
+    """The next token id from one row of logits; NonFiniteLogits if the row holds NaN or
+    Inf. The check rides on the one device-to-host transfer: -1 comes back instead."""
+    xp = backend.xp
+    token = backend.to_int(xp.where(xp.isfinite(row).all(), sampler(row, history), -1))
+    if token < 0:
+        raise NonFiniteLogits(f"the logits are not finite (NaN or Inf) after {n_seen} tokens")
+    return token
+
+
 def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Sampler, *,
                   max_tokens: int, stop_ids: set[int], stats: GenerationStats,
                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[int]:
@@ -70,7 +80,7 @@ def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Samp
     not finite, which raises NonFiniteLogits (the check costs one pass over one
     row of logits, not one over every activation).
     """
-    backend, xp = net.backend, net.xp
+    backend = net.backend
     # what the repetition penalty looks back on, bounded: nothing in the loop grows
     history = deque(prompt[-sampler.params.repeat_last_n:], maxlen=sampler.params.repeat_last_n)
     start = time.perf_counter()
@@ -81,10 +91,7 @@ def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Samp
     stats.stop_reason = "length"
     decode_start = time.perf_counter()
     for n in range(max_tokens):
-        row = logits[-1]
-        token = backend.to_int(xp.where(xp.isfinite(row).all(), sampler(row, history), -1))
-        if token < 0:
-            raise NonFiniteLogits(f"the logits are not finite (NaN or Inf) after {len(prompt) + n} tokens")
+        token = draw(backend, sampler, logits[-1], history, len(prompt) + n)
         if n == 0:
             stats.first_token_seconds = time.perf_counter() - start
             decode_start = time.perf_counter()

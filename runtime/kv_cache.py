@@ -82,6 +82,9 @@ class CacheSpec:
 class KVCache:
     """Keys and values of one sequence for a stack of layers, in a ring buffer."""
 
+    batched = False  # one sequence (runtime.paged_cache.SequenceBatch is the batched cache)
+    logit_rows = slice(-1, None)  # the rows of a forward call whose logits are wanted: the last
+
     def __init__(self, backend: Backend, spec: CacheSpec) -> None:
         if spec.kv_dtype not in KV_DTYPES:
             raise ModelError(f"unknown KV-cache dtype {spec.kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
@@ -444,6 +447,9 @@ class HybridCache:
     Offers the single ring's interface for the sequence as a whole (begin/end,
     offset, capacity, reset, truncate); `ring(layer)` routes a layer.
     """
+
+    batched = False
+    logit_rows = slice(-1, None)
 
     def __init__(self, backend: Backend, spec: HybridSpec) -> None:
         self.backend = backend
