@@ -42,6 +42,7 @@ temperature = _number(float, "temperature (>= 0)", lambda v: 0 <= v < math.inf)
 top_p = _number(float, "top-p (in (0, 1])", lambda v: 0 < v <= 1)
 min_p = _number(float, "min-p (in [0, 1))", lambda v: 0 <= v < 1)
 penalty = _number(float, "penalty (> 0)", lambda v: v > 0)
+port = _number(int, "port (0-65535)", lambda v: 0 <= v <= 65535)
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="architecture, parameters, weight and KV-cache memory")
     add_model_args(info)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=port, default=8080)
+    serve.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (default 8)")
+    serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default 16)")
+    serve.add_argument("--num-blocks", type=positive_int,
+                       help="KV blocks in the pool (default: enough for --max-batch full contexts)")
+    serve.add_argument("--step-tokens", type=positive_int, default=256,
+                       help="prompt tokens prefilled per step at most (default 256)")
+    serve.add_argument("--max-waiting", type=positive_int, default=256,
+                       help="queued requests before 429 (default 256)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--model-name", help="the id /v1/models reports (default: the model folder's name)")
     return parser
 
 
@@ -230,6 +246,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: PLC0415
+
+        from runtime.server import Server  # noqa: PLC0415
+    except ImportError as exc:
+        raise ModelError(f"serving needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)") from None
+    server = Server(lambda: load_model(args), model_name=args.model_name, api_key=args.api_key,
+                    engine_options=dict(max_batch=args.max_batch, context=args.ctx, num_blocks=args.num_blocks,
+                                        block_size=args.block_size, step_tokens=args.step_tokens,
+                                        max_waiting=args.max_waiting))
+    log(f"serving on http://{args.host}:{args.port}/v1 (loading the model; GET /health says when it is ready)")
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
+    if server.load_error:
+        raise ModelError(server.load_error)
+    return 0
+
+
 CHAT_HELP = """commands:
   /help          this text
   /reset         clear the conversation and the KV cache
@@ -339,7 +373,7 @@ def _enable_line_editing() -> None:
 
 
 COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "perplexity": cmd_perplexity,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "serve": cmd_serve}
 
 
 def log(message: str) -> None:
