@@ -22,6 +22,8 @@ Array = Any  # numpy.ndarray or cupy.ndarray
 # 1 MiB of float32, a scratch block that stays in cache instead of a full float32
 # copy of the matrix per token.
 _WIDEN_BLOCK = 256 * 1024
+# Rows up to which a matrix stored (out, in) is multiplied as w @ x.T (see linear).
+SMALL_BATCH = 32
 
 
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
@@ -31,7 +33,15 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
     Float16 weights (the GPU policy) are multiplied in float32 so that sums
     accumulate in float32.
     """
-    y = x @ weight.T if weight.dtype == x.dtype else _widening_matmul(x, weight)
+    if weight.dtype != x.dtype:
+        y = _widening_matmul(x, weight)
+    elif 1 < x.shape[0] <= SMALL_BATCH and weight.flags.c_contiguous and _xp(x).__name__ == "numpy":
+        # a few rows (a decode batch) against a matrix stored (out, in): OpenBLAS runs
+        # w @ x.T at about twice the speed of x @ w.T here (576 x 1536, 8 rows: 0.21
+        # against 0.44 ms)
+        y = (weight @ x.T).T
+    else:
+        y = x @ weight.T
     if bias is not None:
         y += bias
     return y
