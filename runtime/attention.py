@@ -33,7 +33,10 @@ def attend(q: Array, k: Array, v: Array, cache: KVCache, layer: int, *, scale: f
     scores the sink slots.
     """
     if cache.batched:
-        # several sequences' tokens (runtime.paged_cache.SequenceBatch): each attends over its own cache
+        # several sequences' tokens (runtime.paged_cache.SequenceBatch): each attends over its own
+        # cache; when each has one token, all of them in one product
+        if cache.decoding:
+            return _attend_decode_batch(q, k, v, cache, layer, scale, softcap)
         return cache.xp.concatenate([attend(q[:, s:e], k[:, s:e], v[:, s:e], ring, layer, scale=scale,
                                             softcap=softcap) for ring, s, e in cache.parts(layer)])
     if q.shape[1] == 1:
@@ -123,6 +126,34 @@ def _attend_one(q: Array, k: Array, v: Array, cache: KVCache, layer: int, scale:
     out = cache.weigh_values(layer, scores)
     out /= total if widen == 1.0 else total * (1.0 / widen)
     return out.reshape(1, n_q * d)
+
+
+def _attend_decode_batch(q: Array, k: Array, v: Array, cache: Any, layer: int, scale: float,
+                         softcap: float | None) -> Array:
+    """One query per sequence (Hq, B, d) over each sequence's own keys: the caches are
+    gathered into (Hkv, B, m, d), padded to the longest with the padding masked, so the
+    batch costs a handful of calls per layer instead of a handful per sequence."""
+    xp = cache.xp
+    n_q, b, d = q.shape
+    n_kv = k.shape[0]
+    group = n_q // n_kv
+    cache.store_decode(layer, k, v)
+    keys, values, hidden = cache.decode_keys_values(layer)
+    widen = cache.widen_factor
+    qg = (q * (scale * widen)).reshape(n_kv, group, b, d).transpose(0, 2, 1, 3)  # (Hkv, B, G, d)
+    scores = qg @ keys.transpose(0, 1, 3, 2)                                     # (Hkv, B, G, m)
+    _softcap(xp, scores, softcap)
+    if hidden is not None:
+        xp.copyto(scores, -float("inf"), where=hidden[None, :, None, :])
+    peak = scores.max(axis=-1, keepdims=True)
+    if widen != 1.0:
+        peak -= math.log(widen)  # as in _attend_one: the widened values' 2**-112 folded in
+    scores -= peak
+    xp.exp(scores, out=scores)
+    total = scores.sum(axis=-1, keepdims=True)
+    out = scores @ values                                                        # (Hkv, B, G, d)
+    out /= total if widen == 1.0 else total * (1.0 / widen)
+    return out.transpose(1, 0, 2, 3).reshape(b, n_q * d)
 
 
 def _score_sinks(scores: Array, q_sink: Array, keys: Array, n_sink: int) -> None:

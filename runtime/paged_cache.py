@@ -133,7 +133,8 @@ class PagedSequence:
         self._prefix: Hashable = None  # the name of the prefix up to them
         kinds = list(dict.fromkeys(windows))
         self._rings = [PagedRing(self, w) for w in kinds]
-        self.layer_ring = [self._rings[kinds.index(w)] for w in windows]
+        self.layer_kind = [kinds.index(w) for w in windows]
+        self.layer_ring = [self._rings[k] for k in self.layer_kind]
         self._new: list[int] = []
 
     # -- blocks -----------------------------------------------------------------
@@ -245,18 +246,12 @@ class PagedRing:
             self.old_mask = self.xp.asarray(hidden) if hidden.any() else None
         # a decode step stores first, then reads its window including itself
         after_low = 0 if w is None else max(0, last - w + 1)
-        self._after_slots = _as_index(seq.slots(np.arange(after_low, last + 1, dtype=np.int64)))
+        self.after = seq.slots(np.arange(after_low, last + 1, dtype=np.int64))
+        self._after_slots = _as_index(self.after)
         self.n_after = last + 1 - after_low
 
     def _gather(self, layer: int, slots: Any, values: bool) -> Any:
-        c = self.store_cache
-        stored = (c.v if values else c.k)[layer][:, slots]
-        if self.spec.kv_dtype == "float32":
-            return stored
-        scales = None if c.k_scale is None else (c.v_scale if values else c.k_scale)[layer][:, slots]
-        out = self.xp.empty(stored.shape, dtype=self.xp.float32)
-        c._widen(stored, scales, out)
-        return out
+        return gather(self.store_cache, layer, slots, values)
 
     def keys_values(self, layer: int, n: int | None = None) -> tuple[Any, Any, float]:
         if self._old_slots is None:
@@ -266,15 +261,7 @@ class PagedRing:
                 self.widen_factor)
 
     def store(self, layer: int, k: Any, v: Any) -> None:
-        c, slots = self.store_cache, self._new_slots
-        if self.spec.kv_dtype == "int8":
-            q, scale = c._quantize(self.xp.concatenate([k, v]))
-            n = k.shape[0]
-            c.k[layer][:, slots], c.k_scale[layer][:, slots] = q[:n], scale[:n]
-            c.v[layer][:, slots], c.v_scale[layer][:, slots] = q[n:], scale[n:]
-        else:
-            c.k[layer][:, slots] = k
-            c.v[layer][:, slots] = v
+        scatter(self.store_cache, layer, self._new_slots, k, v)
 
     def scores_buffer(self, rows: int, cols: int) -> Any:
         return self.xp.empty((self.spec.num_kv_heads, rows, cols), dtype=self.xp.float32)
@@ -285,6 +272,30 @@ class PagedRing:
 
     def weigh_values(self, layer: int, p: Any) -> Any:
         return p @ self._gather(layer, self._after_slots, True)
+
+
+def gather(c: KVCache, layer: int, slots: Any, values: bool) -> Any:
+    """A layer's keys (or values) at `slots` (any index shape) as float32, scaled down
+    by the store's widen_factor like everything attention reads."""
+    stored = (c.v if values else c.k)[layer][:, slots]
+    if c.spec.kv_dtype == "float32":
+        return stored
+    scales = None if c.k_scale is None else (c.v_scale if values else c.k_scale)[layer][:, slots]
+    out = c.xp.empty(stored.shape, dtype=c.xp.float32)
+    c._widen(stored, scales, out)
+    return out
+
+
+def scatter(c: KVCache, layer: int, slots: Any, k: Any, v: Any) -> None:
+    """Write keys and values (kv_heads, T, d) at `slots` (T,) of a layer, in the store's dtype."""
+    if c.spec.kv_dtype == "int8":
+        q, scale = c._quantize(c.xp.concatenate([k, v]))
+        n = k.shape[0]
+        c.k[layer][:, slots], c.k_scale[layer][:, slots] = q[:n], scale[:n]
+        c.v[layer][:, slots], c.v_scale[layer][:, slots] = q[n:], scale[n:]
+    else:
+        c.k[layer][:, slots] = k
+        c.v[layer][:, slots] = v
 
 
 def _as_index(slots: np.ndarray) -> slice | np.ndarray:
@@ -311,6 +322,7 @@ class SequenceBatch:
         bounds = np.cumsum([0] + [len(t) for t in tokens])
         self.spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
         self.positions: np.ndarray | None = None
+        self.decoding = False
 
     @property
     def capacity(self) -> int:
@@ -334,7 +346,42 @@ class SequenceBatch:
     def begin(self, n_new: int) -> np.ndarray:
         assert n_new == self.spans[-1][1], "the batch's tokens are its sequences' tokens"
         self.positions = np.concatenate([seq.begin(t) for seq, t in zip(self.sequences, self.tokens)])
+        # every sequence decoding one token: attention runs as one product for the whole
+        # batch over a padded gather of their slots (attention._attend_decode_batch)
+        self.decoding = len(self.sequences) > 1 and n_new == len(self.sequences)
+        if self.decoding:
+            self._new_slots = np.concatenate([seq.slots(seq_pos) for seq, seq_pos in
+                                              zip(self.sequences, self.positions[:, None])])
+            self._padded = [self._pad([seq._rings[kind].after for seq in self.sequences])
+                            for kind in range(len(self.sequences[0]._rings))]
         return self.positions
+
+    def _pad(self, slots: list[np.ndarray]) -> tuple[np.ndarray, Any]:
+        """(B, m) slots, shorter rows padded with their own first slot, and the (B, m)
+        mask of the padding (None if there is none)."""
+        m = max(len(s) for s in slots)
+        index = np.empty((len(slots), m), dtype=np.int64)
+        hidden = np.zeros((len(slots), m), dtype=bool)
+        for i, s in enumerate(slots):
+            index[i, :len(s)] = s
+            index[i, len(s):] = s[0]
+            hidden[i, len(s):] = True
+        return index, (self.xp.asarray(hidden) if hidden.any() else None)
+
+    @property
+    def widen_factor(self) -> float:
+        return self.sequences[0].pool.store.widen_factor
+
+    def store_decode(self, layer: int, k: Any, v: Any) -> None:
+        """Each sequence's one new key and value (kv_heads, B, d) into its slot."""
+        scatter(self.sequences[0].pool.store, layer, self._new_slots, k, v)
+
+    def decode_keys_values(self, layer: int) -> tuple[Any, Any, Any]:
+        """Keys and values (kv_heads, B, m, d) each sequence's query sees at this layer
+        (its window, if the layer has one), padded to the longest, and the padding's mask."""
+        index, hidden = self._padded[self.sequences[0].layer_kind[layer]]
+        store = self.sequences[0].pool.store
+        return gather(store, layer, index, False), gather(store, layer, index, True), hidden
 
     def end(self) -> None:
         for seq in self.sequences:
