@@ -71,6 +71,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--repeat-penalty", type=penalty, default=1.0)
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--system", help="system message")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer at this text, which is not printed (repeat for several)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads stdin)")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as-is, without the chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--logprobs", type=non_negative_int, metavar="N",
+                     help="after the answer, each token's log-probability and its N likeliest alternatives (stderr)")
     gen.add_argument("--truncate-prompt", action="store_true",
                      help="a prompt longer than the context keeps its first (sink) and last tokens "
                           "instead of being refused")
@@ -164,15 +168,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log(f"the prompt is {len(ids):,} tokens, longer than the context of {model.cache_spec.capacity:,}: "
             f"keeping its first {min(len(fitted), model.cache_spec.n_sink)} and last "
             f"{len(fitted) - min(len(fitted), model.cache_spec.n_sink):,} tokens")
-    for piece in model.stream(fitted, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, **sampling(args)):
+    for piece in model.stream(fitted, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, stop=args.stop,
+                              logprobs=args.logprobs, **sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     s = model.stats
+    if args.logprobs is not None:
+        _print_logprobs(model, s.logprobs)
     log(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tps:.1f} tokens/s | "
         f"decode: {s.generated_tokens} tokens, {s.decode_tps:.1f} tokens/s | "
         f"first token {s.first_token_seconds:.2f} s | stop: {s.stop_reason}")
     return 0
+
+
+def _print_logprobs(model: Any, entries: list) -> None:
+    """One line a token on stderr: its text, log-probability, and the alternatives."""
+    def text(token: int) -> str:
+        return repr(model.tokenizer.decode([token], skip_special_tokens=False))
+
+    log("logprobs (token, log-probability, likeliest alternatives):")
+    for token, logprob, top in entries:
+        alternatives = ", ".join(f"{text(t)} {lp:.4f}" for t, lp in top)
+        log(f"{text(token)}\t{logprob:.4f}" + (f"\t{alternatives}" if alternatives else ""))
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
@@ -279,7 +297,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.chat import ChatSession  # noqa: PLC0415
 
     model = load_model(args)
-    session = ChatSession(model, system=args.system, sampling=sampling(args), max_tokens=args.max_tokens)
+    session = ChatSession(model, system=args.system, sampling=sampling(args), max_tokens=args.max_tokens,
+                          stop=args.stop)
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from loaders.errors import ModelError
 from runtime.model import Model
+from runtime.stop_strings import StopStrings
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ChatSession:
     system: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)  # strings that end a reply (not kept in it)
 
     def __post_init__(self) -> None:
         self.messages: list[dict[str, str]] = []
@@ -92,15 +94,20 @@ class ChatSession:
         reply = {"role": "assistant", "content": ""}
         self.messages.append(reply)
         decoder = self.model.tokenizer.stream_decoder()
+        stops = StopStrings(self.stop)
         generated: list[int] = []
         try:
             for token in tokens:
                 generated.append(token)
-                piece = decoder.push(token)
+                piece = stops.push(decoder.push(token))
                 reply["content"] += piece
                 if piece:
                     yield piece
-            tail = decoder.flush()
+                if stops.hit:
+                    tokens.close()
+                    self.model.stats.stop_reason = "stop"
+                    break
+            tail = stops.push(decoder.flush()) + stops.flush()
             reply["content"] += tail
             if tail:
                 yield tail

@@ -8,7 +8,10 @@ the whole batch; attention runs per sequence over its own blocks of the paged
 pool (runtime.paged_cache).
 
 A sequence's life: waiting -> running (prefix blocks reused, then prefill,
-decode) -> finished, its blocks back in the pool. When the pool runs dry, the
+decode) -> finished, its blocks back in the pool. What a row of logits yields for a
+sequence (the draw, stop ids, length) is runtime.generate.Generation, the same
+state `decode_tokens` runs a single sequence with: one decode loop, fed one
+sequence at a time there and a batch at a time here. When the pool runs dry, the
 newest running sequence is preempted: its blocks are freed and it waits again,
 to be recomputed from its prompt and the tokens it had generated (its sampler
 and its random state carry on, so its text is the same as if it had not been).
@@ -20,7 +23,6 @@ the engine's thread.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -30,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from loaders.errors import ModelError
-from runtime.generate import NonFiniteLogits, draw
+from runtime.generate import Generation, NonFiniteLogits
 from runtime.paged_cache import DEFAULT_BLOCK_SIZE, BlockPool, PagedSequence, PoolSpec, SequenceBatch
 from runtime.sampling import Sampler, SamplingParams
 
@@ -87,19 +89,15 @@ class _Seq:
     def __init__(self, handle: Handle, emit: Callable[[Event], None], pool: BlockPool,
                  windows: list[int | None], capacity: int, xp: Any) -> None:
         self.handle = handle
-        self.request = handle.request
+        self.request = r = handle.request
         self.emit = emit
         self.paged = PagedSequence(pool, windows, capacity)
-        self.sampler = Sampler(xp, self.request.params)
-        n = self.request.params.repeat_last_n
-        self.history: deque[int] = deque(self.request.ids[-n:], maxlen=n)
-        self.generated: list[int] = []
-        self.pending: list[int] = list(self.request.ids)  # to feed before the next draw
+        self.gen = Generation(r.ids, Sampler(xp, r.params), r.max_tokens, r.stop_ids, capacity, r.logprobs)
         self.prefixed = False  # cached prefix blocks looked up (once per admission)
 
     @property
-    def seen(self) -> int:
-        return len(self.request.ids) + len(self.generated)
+    def pending(self) -> list[int]:
+        return self.gen.pending
 
 
 class Engine:
@@ -215,9 +213,7 @@ class Engine:
             return True
         self.steps += 1
         for row, (seq, chunk) in enumerate(batch):
-            del seq.pending[:len(chunk)]
-            if not seq.pending:
-                self._next_token(seq, logits[row])
+            self._fed(seq, len(chunk), logits[row])
         return True
 
     def _drop_cancelled(self) -> None:
@@ -238,7 +234,7 @@ class Engine:
                 if self.prefix_caching:
                     reused = seq.paged.reuse_prefix(seq.pending)
                     del seq.pending[:reused]
-                    if not seq.generated:
+                    if not seq.gen.generated:
                         seq.handle.usage.cached_tokens = reused
             first = min(len(seq.pending), self.step_tokens)
             if seq.paged.blocks_needed(first) > self.pool.available:
@@ -279,35 +275,25 @@ class Engine:
         self.preemptions += 1
         self.running.remove(seq)
         seq.paged.free()
-        seq.pending = list(seq.request.ids) + seq.generated
+        seq.gen.restart()
         seq.prefixed = False
         with self._lock:
             self.waiting.appendleft(seq)
 
-    def _next_token(self, seq: _Seq, row: Any) -> None:
-        request = seq.request
-        if request.max_tokens == 0:
-            self._finish(seq, "length")
-            return
+    def _fed(self, seq: _Seq, n: int, row: Any) -> None:
         try:
-            token = draw(self.backend, seq.sampler, row, seq.history, seq.seen)
+            token = seq.gen.fed(n, row, self.backend)
         except NonFiniteLogits as exc:
             self._finish(seq, "error", f"{exc}: {self.model.nonfinite_weight_report()}")
             return
-        if token in request.stop_ids:
-            self._finish(seq, "stop")
-            return
-        seq.generated.append(token)
-        seq.history.append(token)
-        seq.handle.usage.completion_tokens += 1
-        event = Event(token=token)
-        if request.logprobs is not None:
-            event.logprob, event.top_logprobs = _logprobs(self.backend.to_host(row), token, request.logprobs)
-        seq.emit(event)
-        if len(seq.generated) >= request.max_tokens or seq.seen >= self.context:
-            self._finish(seq, "length")
-            return
-        seq.pending = [token]
+        if token is not None:
+            seq.handle.usage.completion_tokens += 1
+            event = Event(token=token)
+            if seq.gen.last_logprobs is not None:
+                event.logprob, event.top_logprobs = seq.gen.last_logprobs
+            seq.emit(event)
+        if seq.gen.done:
+            self._finish(seq, seq.gen.finish_reason)
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         with self._lock:
@@ -317,19 +303,6 @@ class Engine:
             self.running.remove(seq)
         seq.paged.free()
         seq.emit(Event(finish_reason=reason, error=error))
-
-
-def _logprobs(row: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-    """log softmax of the raw logits at `token`, and the `top` most likely ids with theirs."""
-    row = row.astype(np.float64)
-    peak = float(row.max())
-    log_z = peak + math.log(float(np.exp(row - peak).sum()))
-    best: list[tuple[int, float]] = []
-    if top > 0:
-        ids = np.argpartition(-row, min(top, len(row) - 1))[:top]
-        ids = ids[np.argsort(-row[ids], kind="stable")]
-        best = [(int(i), float(row[i] - log_z)) for i in ids]
-    return float(row[token] - log_z), best
 
 
 def _one_line(exc: BaseException) -> str:

@@ -6,10 +6,11 @@ one step at a time, and the Model's `stream` / `generate` turn them into text.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class GenerationStats:
     decode_steps: int = 0
     first_token_seconds: float = 0.0
     stop_reason: str = ""
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -70,38 +72,112 @@ def draw(backend: Any, sampler: Sampler, row: Any, history: Sequence[int], n_see
     return token
 
 
+class Generation:
+    """One sequence's decode state, the same whether it runs alone (decode_tokens) or
+    in a batch (runtime.engine): the tokens to feed next, and what a row of logits
+    after them yields. Feeding `pending` and calling `fed` until `done` is the whole
+    loop; prefill is feeding the prompt in chunks, a decode step feeding one token.
+    """
+
+    def __init__(self, prompt: Sequence[int], sampler: Sampler, max_tokens: int, stop_ids: Iterable[int],
+                 context: int | None = None, logprobs: int | None = None) -> None:
+        self.prompt = [int(t) for t in prompt]
+        self.sampler = sampler
+        self.max_tokens = max_tokens
+        self.stop_ids = frozenset(stop_ids)
+        self.context = context
+        self.logprobs = logprobs
+        n = sampler.params.repeat_last_n
+        # what the repetition penalty looks back on, bounded: nothing in the loop grows
+        self.history: deque[int] = deque(self.prompt[-n:], maxlen=n)
+        self.generated: list[int] = []
+        self.pending: list[int] = list(self.prompt)
+        self.finish_reason: str | None = None
+        self.last_logprobs: tuple[float, list[tuple[int, float]]] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def seen(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    def fed(self, n: int, row: Any, backend: Any) -> int | None:
+        """n tokens of `pending` went through the model and `row` is the logits after
+        them: the next token, or None (more of the prompt to feed, or finished)."""
+        del self.pending[:n]
+        if self.pending:
+            return None
+        if len(self.generated) >= self.max_tokens:
+            self.finish_reason = "length"
+            return None
+        token = draw(backend, self.sampler, row, self.history, self.seen)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return None
+        self.generated.append(token)
+        self.history.append(token)
+        if self.logprobs is not None:
+            self.last_logprobs = token_logprobs(backend.to_host(row), token, self.logprobs)
+        if len(self.generated) >= self.max_tokens or (self.context is not None and self.seen >= self.context):
+            self.finish_reason = "length"
+        else:
+            self.pending = [token]
+        return token
+
+    def restart(self) -> None:
+        """Everything fed again (a preempted sequence whose cache was dropped)."""
+        self.pending = self.prompt + self.generated
+
+
+def token_logprobs(row: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax of the raw logits at `token`, and the `top` most likely ids with theirs."""
+    row = row.astype(np.float64)
+    peak = float(row.max())
+    log_z = peak + math.log(float(np.exp(row - peak).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(-row, min(top, len(row) - 1))[:top]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best = [(int(i), float(row[i] - log_z)) for i in ids]
+    return float(row[token] - log_z), best
+
+
 def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Sampler, *,
                   max_tokens: int, stop_ids: set[int], stats: GenerationStats,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[int]:
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, logprobs: int | None = None) -> Iterator[int]:
     """Prefill `prompt` (tokens not yet in the cache) and yield up to max_tokens new ids.
 
     A stop id ends the loop and is not yielded. Only the chosen id crosses from
     the device to the host each step: it is -1 when the row it was drawn from is
     not finite, which raises NonFiniteLogits (the check costs one pass over one
-    row of logits, not one over every activation).
+    row of logits, not one over every activation). With `logprobs`, each token's
+    log-probability and its `logprobs` best alternatives go to stats.logprobs.
     """
     backend = net.backend
-    # what the repetition penalty looks back on, bounded: nothing in the loop grows
-    history = deque(prompt[-sampler.params.repeat_last_n:], maxlen=sampler.params.repeat_last_n)
+    gen = Generation(prompt, sampler, max_tokens, stop_ids, logprobs=logprobs)
+    chunk = max(1, min(prefill_chunk, cache.max_chunk))
     start = time.perf_counter()
-    logits = prefill(net, cache, prompt, prefill_chunk)
-    backend.synchronize()
     stats.prompt_tokens = len(prompt)
-    stats.prefill_seconds = time.perf_counter() - start
     stats.stop_reason = "length"
-    decode_start = time.perf_counter()
-    for n in range(max_tokens):
-        token = draw(backend, sampler, logits[-1], history, len(prompt) + n)
-        if n == 0:
-            stats.first_token_seconds = time.perf_counter() - start
-            decode_start = time.perf_counter()
-        if token in stop_ids:
-            stats.stop_reason = "stop"
-            break
-        stats.generated_tokens += 1
-        history.append(token)
-        yield token
-        if n + 1 < max_tokens:
-            logits = net.forward(np.asarray([token], dtype=np.int64), cache)
+    decode_start = start
+    while not gen.done:
+        tokens = gen.pending[:chunk]
+        logits = net.forward(np.asarray(tokens, dtype=np.int64), cache)
+        if gen.generated:
             stats.decode_steps += 1
             stats.decode_seconds = time.perf_counter() - decode_start
+        elif len(tokens) == len(gen.pending):  # the prompt's last chunk
+            backend.synchronize()
+            stats.prefill_seconds = time.perf_counter() - start
+        token = gen.fed(len(tokens), logits[-1], backend)
+        if len(gen.generated) == 1 and token is not None:
+            stats.first_token_seconds = time.perf_counter() - start
+            decode_start = time.perf_counter()
+        if token is not None:
+            stats.generated_tokens += 1
+            if gen.last_logprobs is not None:
+                stats.logprobs.append((token, *gen.last_logprobs))
+            yield token
+    stats.stop_reason = gen.finish_reason or "length"

@@ -27,6 +27,7 @@ from runtime.backend import Backend, get_backend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, GenerationStats, NonFiniteLogits, decode_tokens, prefill
 from runtime.kv_cache import DEFAULT_SINKS, KV_DTYPES, CacheSpec, HybridCache, HybridSpec, KVCache, new_cache
 from runtime.sampling import Sampler, SamplingParams
+from runtime.stop_strings import StopStrings
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -197,12 +198,13 @@ class Model:
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                seed: int | None = None, ignore_eos: bool = False, raw: bool = False,
                system: str | None = None, cache: KVCache | None = None,
-               truncate: bool = False) -> Iterator[int]:
+               truncate: bool = False, logprobs: int | None = None) -> Iterator[int]:
         """Generated token ids, one at a time (the layer under stream and generate).
 
         A prompt longer than the context is refused (ModelError) unless `truncate`
         (see fit_prompt): prefilling it would only feed the ring buffer tokens it
-        evicts again.
+        evicts again. With `logprobs` (N), each token's log-probability and its N
+        most likely alternatives are appended to `stats.logprobs` as it is yielded.
         """
         if max_tokens < 0:
             raise ModelError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -216,7 +218,7 @@ class Model:
         stop = set() if ignore_eos else self.stop_ids
         return self._diagnosed(decode_tokens(self.net, cache, ids, Sampler(self.backend.xp, params),
                                              max_tokens=max_tokens, stop_ids=stop, stats=self.stats,
-                                             prefill_chunk=self.options.prefill_chunk))
+                                             prefill_chunk=self.options.prefill_chunk, logprobs=logprobs))
 
     def fit_prompt(self, ids: list[int], max_tokens: int, *, truncate: bool = False,
                    cache: KVCache | None = None) -> list[int]:
@@ -257,14 +259,21 @@ class Model:
         return (f"every weight is finite, so an activation overflowed "
                 f"({self.backend.dtype} weights{'; try --dtype float32' if self.backend.dtype != 'float32' else ''})")
 
-    def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
-        """Text pieces as they are decoded (never a broken UTF-8 character)."""
+    def stream(self, prompt: str | Sequence[int], *, stop: Sequence[str] = (), **kwargs: Any) -> Iterator[str]:
+        """Text pieces as they are decoded (never a broken UTF-8 character). Generation
+        ends at any of the `stop` strings, which are not part of the text."""
         decoder = self.tokenizer.stream_decoder()
-        for token in self.tokens(prompt, **kwargs):
-            piece = decoder.push(token)
+        stops = StopStrings(stop)
+        tokens = self.tokens(prompt, **kwargs)
+        for token in tokens:
+            piece = stops.push(decoder.push(token))
             if piece:
                 yield piece
-        tail = decoder.flush()
+            if stops.hit:
+                tokens.close()
+                self.stats.stop_reason = "stop"
+                return
+        tail = stops.push(decoder.flush()) + stops.flush()
         if tail:
             yield tail
 

@@ -29,6 +29,7 @@ run past its context.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
@@ -319,8 +320,8 @@ class SequenceBatch:
         self.xp = backend.xp
         self.sequences = sequences
         self.tokens = tokens
-        bounds = np.cumsum([0] + [len(t) for t in tokens])
-        self.spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        bounds = list(itertools.accumulate([len(t) for t in tokens], initial=0))
+        self.spans = list(zip(bounds[:-1], bounds[1:]))
         self.positions: np.ndarray | None = None
         self.decoding = False
 

@@ -69,6 +69,7 @@ class Job:
     include_usage: bool
     logprobs: int | None     # None: no logprobs; 0..N: with the top N alternatives
     chat: bool
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
 
 class Server:
@@ -203,7 +204,8 @@ class Server:
         request_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         try:
             handle = self.engine.submit(
-                Request(job.ids, job.max_tokens, job.params, frozenset(self.model.stop_ids), job.logprobs),
+                Request(job.ids, job.max_tokens, job.params,
+                        frozenset() if job.ignore_eos else frozenset(self.model.stop_ids), job.logprobs),
                 lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         except QueueFull as exc:
             return error_response(429, f"the server is busy: {exc}", "rate_limit_error", code="queue_full")
@@ -330,8 +332,11 @@ class Server:
         if not isinstance(options, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
         include_usage = bool(options.get("include_usage")) and stream
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise APIError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
         return Job(ids, min(max_tokens, room), params, stops, stream, include_usage,
-                   self._logprobs(body, chat), chat)
+                   self._logprobs(body, chat), chat, ignore_eos)
 
     def _logprobs(self, body: dict[str, Any], chat: bool) -> int | None:
         if chat:

@@ -36,7 +36,7 @@ SOURCES = sorted([*REPO.glob("runtime/*.py"), *REPO.glob("models/*.py")])
 # The compute path: what runs per token. `np.` here must be host-side bookkeeping.
 COMPUTE_PATH = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "models").glob("*.py")) + [
     "runtime/attention.py", "runtime/kv_cache.py", "runtime/sampling.py", "runtime/generate.py",
-    "runtime/backend.py"]
+    "runtime/backend.py", "runtime/paged_cache.py", "runtime/engine.py"]
 # Every `np.` use allowed there, as (file, enclosing function, name): all act on host
 # data (token ids, positions, slot bookkeeping, checkpoint arrays before upload).
 ALLOWED_NUMPY = {
@@ -54,6 +54,29 @@ ALLOWED_NUMPY = {
     ("runtime/generate.py", "prefill", "np.int64"),
     ("runtime/generate.py", "decode_tokens", "np.asarray"),  # the sampled token id
     ("runtime/generate.py", "decode_tokens", "np.int64"),
+    # log-probabilities of a row already brought to the host (only when asked for)
+    ("runtime/generate.py", "token_logprobs", "np.argpartition"),
+    ("runtime/generate.py", "token_logprobs", "np.argsort"),
+    ("runtime/generate.py", "token_logprobs", "np.exp"),
+    ("runtime/generate.py", "token_logprobs", "np.float64"),
+    ("runtime/engine.py", "Engine.step", "np.asarray"),  # the batch's token ids
+    ("runtime/engine.py", "Engine.step", "np.concatenate"),
+    ("runtime/engine.py", "Engine.step", "np.int64"),
+    # the paged cache's bookkeeping: reference counts, positions, block tables, slot indices
+    ("runtime/paged_cache.py", "BlockPool.__init__", "np.int64"),
+    ("runtime/paged_cache.py", "BlockPool.__init__", "np.zeros"),
+    ("runtime/paged_cache.py", "PagedRing.begin", "np.arange"),
+    ("runtime/paged_cache.py", "PagedRing.begin", "np.int64"),
+    ("runtime/paged_cache.py", "PagedSequence.begin", "np.arange"),
+    ("runtime/paged_cache.py", "PagedSequence.begin", "np.int64"),
+    ("runtime/paged_cache.py", "PagedSequence.slots", "np.asarray"),
+    ("runtime/paged_cache.py", "PagedSequence.slots", "np.int64"),
+    ("runtime/paged_cache.py", "SequenceBatch._pad", "np.empty"),
+    ("runtime/paged_cache.py", "SequenceBatch._pad", "np.int64"),
+    ("runtime/paged_cache.py", "SequenceBatch._pad", "np.zeros"),
+    ("runtime/paged_cache.py", "SequenceBatch.begin", "np.concatenate"),
+    ("runtime/paged_cache.py", "SequenceBatch.logit_rows", "np.asarray"),
+    ("runtime/paged_cache.py", "SequenceBatch.logit_rows", "np.int64"),
     ("models/llama.py", "Llama._sink_rope", "np.minimum"),  # positions
     ("runtime/backend.py", "Backend.matrix_order", "np.dtype"),  # a layout decision for host arrays
     ("runtime/backend.py", "Backend.matrix_order", "np.float32"),

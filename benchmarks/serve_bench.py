@@ -1,0 +1,156 @@
+"""Serving throughput: aggregate output tokens/s and time per output token at 1, 4, 8 and 16
+concurrent streams, through `cli.py serve` over HTTP, next to llama.cpp's llama-batched-bench
+on the same model and next to our single-stream decode.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/serve_bench.py \\
+        [--llama-batched-bench PATH --gguf MODEL-F32.gguf]
+
+Each stream is a text completion of 64 random prompt token ids and 64 generated tokens
+(ignore_eos), all streams sent at once, as llama-batched-bench's -npp 64 -ntg 64 -npl N.
+Reported per concurrency:
+- decode tokens/s: tokens generated while every stream was decoding (from the moment the
+  last stream got its first token to the last token) over that time: llama's S_TG;
+- whole tokens/s: every output token over the time from the requests to the last token;
+- p50 / p99 time per output token (the gaps between one stream's tokens) and p50 time to
+  first token.
+The single-stream figure is Model.tokens alone (no server), 64 tokens after 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPT, GENERATED = 64, 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(max_batch: int) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--port", str(port), "--max-batch",
+                             str(max_batch), "--ctx", "1024"], cwd=REPO, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the server did not come up: " + proc.stderr.read().decode()[-2000:])
+
+
+def one_stream(url: str, prompt: list[int], start: threading.Event, times: list[float]) -> None:
+    import httpx
+
+    body = {"prompt": prompt, "max_tokens": GENERATED, "temperature": 0, "stream": True, "ignore_eos": True}
+    start.wait()
+    with httpx.Client(timeout=600) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["finish_reason"] is None:
+                    times.append(time.perf_counter())
+
+
+def run_level(url: str, n: int, rng: np.random.Generator) -> dict[str, float]:
+    prompts = [rng.integers(100, 20000, PROMPT).tolist() for _ in range(n)]
+    times: list[list[float]] = [[] for _ in range(n)]
+    start = threading.Event()
+    threads = [threading.Thread(target=one_stream, args=(url, p, start, t)) for p, t in zip(prompts, times)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    start.set()
+    for t in threads:
+        t.join()
+    counts = [len(t) for t in times]
+    all_decoding = max(t[0] for t in times)
+    end = max(t[-1] for t in times)
+    in_window = sum(sum(1 for x in t if x > all_decoding) for t in times)
+    gaps = np.concatenate([np.diff(t) for t in times if len(t) > 1])
+    return {"streams": n, "tokens": sum(counts), "decode_tps": in_window / (end - all_decoding),
+            "whole_tps": sum(counts) / (end - t0), "tpot_p50_ms": float(np.percentile(gaps, 50) * 1e3),
+            "tpot_p99_ms": float(np.percentile(gaps, 99) * 1e3),
+            "ttft_p50_s": float(np.median([t[0] - t0 for t in times]))}
+
+
+def single_stream() -> float:
+    import runtime
+
+    model = runtime.load(max_context=1024, progress=False)
+    ids = np.random.default_rng(1).integers(100, 20000, PROMPT).tolist()
+    rates = []
+    for _ in range(3):
+        list(model.tokens(ids, max_tokens=GENERATED, ignore_eos=True))
+        rates.append(model.stats.decode_tps)
+    return float(np.median(rates))
+
+
+def llama_batched(binary: str, gguf: str, levels: list[int]) -> dict[int, float]:
+    out = subprocess.run([binary, "-m", gguf, "-c", "4096", "-b", "2048", "-ub", "512", "-npp", str(PROMPT),
+                          "-ntg", str(GENERATED), "-npl", ",".join(map(str, levels)), "-t", str(os.cpu_count())],
+                         capture_output=True, text=True, check=True).stdout
+    rates = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and re.fullmatch(r"\d+", cells[2] or ""):
+            rates[int(cells[2])] = float(cells[7])  # S_TG t/s
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("--llama-batched-bench", help="path of llama.cpp's llama-batched-bench")
+    parser.add_argument("--gguf", help="the default model as an F32 GGUF, for llama-batched-bench")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    try:
+        from threadpoolctl import threadpool_info
+        print("BLAS:", [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()])
+    except ImportError:
+        pass
+    alone = single_stream()
+    proc, url = start_server(max(levels))
+    try:
+        run_level(url, 2, np.random.default_rng(0))  # warm-up
+        rows = [run_level(url, n, np.random.default_rng(n)) for n in levels]
+    finally:
+        proc.terminate()
+        proc.wait()
+    llama = llama_batched(args.llama_batched_bench, args.gguf, levels) if args.llama_batched_bench else {}
+    print(f"single stream (Model.tokens, {GENERATED} after {PROMPT}): {alone:.1f} tokens/s\n")
+    print("| streams | decode tokens/s | x single | llama.cpp F32 S_TG | whole tokens/s | TPOT p50 / p99 ms "
+          "| TTFT p50 s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        theirs = llama.get(r["streams"])
+        print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['decode_tps'] / alone:.2f}x | "
+              f"{f'{theirs:.1f}' if theirs else '-'} | {r['whole_tps']:.1f} | "
+              f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['ttft_p50_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
