@@ -18,7 +18,8 @@ $(VENV)/.setup: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.setup-test: $(VENV)/.setup
-	$(PIP) install -e '.[test]'
+	# the test extra, and the ray extra (with serve) whose deployment the tests run on a local cluster
+	$(PIP) install -e '.[test,ray]'
 	touch $@
 
 setup: $(VENV)/.setup

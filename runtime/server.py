@@ -86,9 +86,16 @@ class Server:
         self.load_error: str | None = None
         self.created = int(time.time())
         self.ready = threading.Event()
+        self._loading = False
+        self._loading_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------
     def start_loading(self) -> None:
+        """Load the model on a thread (once), so that /health answers 503 meanwhile."""
+        with self._loading_lock:
+            if self._loading:
+                return
+            self._loading = True
         threading.Thread(target=self._load, name="nprt-load", daemon=True).start()
 
     def _load(self) -> None:

