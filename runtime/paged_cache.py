@@ -132,6 +132,10 @@ class PagedSequence:
         self.offset = 0
         self._named = 0               # leading full blocks whose prefix has a name
         self._prefix: Hashable = None  # the name of the prefix up to them
+        # a model whose every layer has a window never looks further back than the
+        # widest: blocks older than that go back to the pool as the sequence grows
+        self.horizon = max(windows) if all(w is not None for w in windows) else None
+        self._dropped = 0             # leading blocks given back (their table entries are -1)
         kinds = list(dict.fromkeys(windows))
         self._rings = [PagedRing(self, w) for w in kinds]
         self.layer_kind = [kinds.index(w) for w in windows]
@@ -173,9 +177,22 @@ class PagedSequence:
         return max(0, -(-(self.offset + n_new) // self.pool.block_size) - len(self.blocks))
 
     def free(self) -> None:
-        for block in self.blocks:
+        for block in self.blocks[self._dropped:]:
             self.pool.release(block)
         self.blocks, self.tokens, self.offset, self._named, self._prefix = [], [], 0, 0, None
+        self._dropped = 0
+
+    def _drop_out_of_window(self) -> None:
+        """Give back the leading blocks no layer will read again: the next query, at
+        position `offset`, sees positions from offset - horizon + 1 on."""
+        if self.horizon is None:
+            return
+        bs = self.pool.block_size
+        keep_from = (self.offset - self.horizon + 1) // bs  # the first block still in view
+        while self._dropped < min(keep_from, self._named):  # named first: a prefix stays findable
+            self.pool.release(self.blocks[self._dropped])
+            self.blocks[self._dropped] = -1
+            self._dropped += 1
 
     def slots(self, positions: np.ndarray) -> np.ndarray:
         bs = self.pool.block_size
@@ -205,6 +222,7 @@ class PagedSequence:
             self._prefix = (self._prefix, tuple(self.tokens[i * bs:(i + 1) * bs]))
             self.pool.name(self.blocks[i], self._prefix)  # kept by another block if it has it already
             self._named += 1
+        self._drop_out_of_window()
 
 
 class PagedRing:

@@ -137,3 +137,18 @@ def test_piped_chat_answers_and_exits():
                             capture_output=True, timeout=180, cwd=REPO)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip()
+
+
+def test_chat_stop_string_ends_the_reply_and_stays_out_of_the_history(model):
+    from runtime.chat import ChatSession
+
+    free = ChatSession(model, max_tokens=24)
+    full = "".join(free.send("What is the capital of France?"))
+    stop = full[4:9]
+    session = ChatSession(model, max_tokens=24, stop=[stop])
+    reply = "".join(session.send("What is the capital of France?"))
+    assert reply == full[:full.index(stop)]
+    assert session.messages[-1] == {"role": "assistant", "content": reply}
+    assert session.last.stop_reason == "stop"
+    # the next turn still works from the history as shown
+    assert "".join(session.send("And of Italy?")) is not None

@@ -161,3 +161,40 @@ def test_gguf_file_as_model_and_perplexity_command(tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     last = result.stdout.decode().strip().splitlines()[-1]
     assert last.startswith("perplexity: ") and 1.0 < float(last.split()[1]) < 5.0  # a repeated sentence is easy
+
+
+@needs_default_model
+def test_generate_stop_string_ends_the_answer_and_is_not_printed():
+    question = "What is the capital of France?"
+    full = run("generate", "--prompt", question, "--max-tokens", "24").stdout.decode().rstrip("\n")
+    # a stop string across a token boundary ("capital of" is two tokens or more)
+    stop = full[full.index("capital") + 3:full.index("capital") + 10]
+    result = run("generate", "--prompt", question, "--max-tokens", "24", "--stop", "never-seen", "--stop", stop)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == full[:full.index(stop)] + "\n"
+    assert "stop: stop" in result.stderr.decode()
+
+
+@needs_default_model
+def test_generate_logprobs_are_log_softmax_of_the_logits():
+    import runtime
+
+    question = "What is the capital of France?"
+    result = run("generate", "--prompt", question, "--max-tokens", "5", "--logprobs", "2")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stderr.decode().splitlines()
+    table = lines[lines.index("logprobs (token, log-probability, likeliest alternatives):") + 1:-1]
+    model = runtime.load(progress=False)
+    prompt = model.encode_prompt(question)
+    tokens = list(model.tokens(prompt, max_tokens=5))
+    logits = model.logits(prompt + tokens).astype(np.float64)
+    assert len(table) == len(tokens)
+    for i, (line, token) in enumerate(zip(table, tokens)):
+        row = logits[len(prompt) - 1 + i]
+        log_softmax = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        text, logprob, alternatives = line.split("\t")
+        assert text == repr(model.tokenizer.decode([token], skip_special_tokens=False))
+        assert abs(float(logprob) - log_softmax[token]) < 1e-3
+        best = np.argsort(-log_softmax)[:2]
+        assert [float(a.rsplit(" ", 1)[1]) for a in alternatives.split(", ")] == \
+            pytest.approx(log_softmax[best].tolist(), abs=1e-3)

@@ -125,6 +125,26 @@ def test_batched_low_precision_pool_stays_close(kv_dtype: str, tmp_path: Path) -
         assert np.abs(g - e).max() <= KV_TOLERANCE[kv_dtype]
 
 
+def test_window_model_gives_back_the_blocks_out_of_its_window(tmp_path: Path) -> None:
+    # Mistral: every layer a 24-token window, so a sequence holds about 24 tokens of blocks
+    net, spec = load_net(_build("mistral", tmp_path))
+    prompt = np.random.default_rng(9).integers(0, VOCAB, 100).tolist()
+    expected = prefill_logits(net, spec, prompt)
+    pool = _pool(net, 8, block_size=8)  # 64 slots for a 100-token sequence
+    seq = PagedSequence(pool, net.config.layer_windows(), 128)
+    rows, held = [], []
+    for start in range(0, len(prompt), 4):
+        chunk = prompt[start:start + 4]
+        assert seq.reserve(len(chunk))
+        out = net.forward(np.asarray(chunk), SequenceBatch(net.backend, [seq], [chunk]), all_logits=True)
+        rows.append(net.backend.to_host(out))
+        held.append(len(seq.blocks) - seq._dropped)
+    assert np.abs(np.concatenate(rows) - expected).max() <= 1e-4
+    assert max(held) <= 5  # the 24-token window spans at most 4 blocks of 8, plus the one being filled
+    seq.free()
+    assert pool.available == 8
+
+
 # -- the block pool -------------------------------------------------------------------------
 
 def _small_pool(num_blocks: int = 4, block_size: int = 4) -> BlockPool:
