@@ -43,6 +43,9 @@ top_p = _number(float, "top-p (in (0, 1])", lambda v: 0 < v <= 1)
 min_p = _number(float, "min-p (in [0, 1))", lambda v: 0 <= v < 1)
 penalty = _number(float, "penalty (> 0)", lambda v: v > 0)
 port = _number(int, "port (0-65535)", lambda v: 0 <= v <= 65535)
+dry_multiplier = _number(float, "DRY multiplier (>= 0)", lambda v: 0 <= v < math.inf)
+dry_base = _number(float, "DRY base (>= 1)", lambda v: 1 <= v < math.inf)
+last_n = _number(int, "token count (-1 = all, 0 = off)", lambda v: v >= -1)
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,14 +65,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=positive_int, help="context size in tokens (default: model's, at most 4096)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, chat: bool = False) -> None:
+    """The sampling flags. generate defaults to greedy (scripts want determinism); the chat's
+    unset flags come from the model's generation_config.json or llama.cpp's conversation
+    defaults (runtime.chat.conversation_sampling)."""
+    default = (lambda value: None) if chat else (lambda value: value)
+    where = "the chat's default: see the banner" if chat else "default: %(default)s"
     p.add_argument("--max-tokens", "-n", type=non_negative_int, default=max_tokens)
-    p.add_argument("--temperature", "--temp", type=temperature, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=non_negative_int, default=0)
-    p.add_argument("--top-p", type=top_p, default=1.0)
-    p.add_argument("--min-p", type=min_p, default=0.0)
+    p.add_argument("--temperature", "--temp", type=temperature, default=default(0.0),
+                   help="0 = greedy" + (" (the chat samples by default: see the banner)" if chat
+                                        else " (generate's default, deterministic)"))
+    p.add_argument("--top-k", type=non_negative_int, default=default(0), help=f"0 = off ({where})")
+    p.add_argument("--top-p", type=top_p, default=default(1.0), help=f"1 = off ({where})")
+    p.add_argument("--min-p", type=min_p, default=default(0.0), help=f"0 = off ({where})")
     p.add_argument("--repeat-penalty", type=penalty, default=1.0)
-    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--dry-multiplier", type=dry_multiplier, default=default(0.0),
+                   help=f"DRY (llama.cpp's): penalty of a token that extends a repetition; 0 = off ({where})")
+    p.add_argument("--dry-base", type=dry_base, default=1.75, help="DRY: growth per repeated token (default 1.75)")
+    p.add_argument("--dry-allowed-length", type=positive_int, default=2,
+                   help="DRY: repetitions up to this long are free (default 2)")
+    p.add_argument("--dry-penalty-last-n", type=last_n, default=64,
+                   help="DRY: tokens scanned for repetitions, -1 = all, 0 = off (default 64)")
+    p.add_argument("--seed", type=non_negative_int,
+                   help="random seed" + (" (default: a new one, printed in the banner)" if chat else ""))
     p.add_argument("--system", help="system message")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the answer at this text, which is not printed (repeat for several)")
@@ -81,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="talk with a model (the model's own chat template)")
     add_model_args(chat)
-    add_sampling_args(chat, max_tokens=512)
+    add_sampling_args(chat, max_tokens=512, chat=True)
 
     gen = sub.add_parser("generate", help="complete one prompt")
     add_model_args(gen)
@@ -153,7 +171,39 @@ def load_model(args: argparse.Namespace) -> Any:
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, seed=args.seed)
+                repeat_penalty=args.repeat_penalty, seed=args.seed, dry=_dry(args))
+
+
+def _dry(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.dry_multiplier or not args.dry_penalty_last_n:
+        return None
+    return dict(dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
+                dry_allowed_length=args.dry_allowed_length, dry_penalty_last_n=args.dry_penalty_last_n)
+
+
+def chat_sampling(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The chat's sampling: each flag given, else the conversation default; a seed drawn
+    (and shown) when none is given, so that the session can be replayed."""
+    import secrets  # noqa: PLC0415
+
+    from runtime.chat import conversation_sampling  # noqa: PLC0415
+
+    defaults = conversation_sampling(model.generation_config)
+    for name in ("temperature", "top_k", "top_p", "min_p", "dry_multiplier"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+    chosen = sampling(args)
+    if args.temperature == 0:
+        described = "greedy"
+    else:
+        described = (f"temperature {args.temperature:g}, top-k {args.top_k}, top-p {args.top_p:g}, "
+                     f"min-p {args.min_p:g}")
+    if chosen["dry"]:
+        described += f", DRY {args.dry_multiplier:g} (base {args.dry_base:g}, allowed {args.dry_allowed_length})"
+    log(f"sampling: {described} ({defaults['source']}); seed {args.seed} (--seed {args.seed} replays it)")
+    return chosen
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -297,8 +347,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.chat import ChatSession  # noqa: PLC0415
 
     model = load_model(args)
-    session = ChatSession(model, system=args.system, sampling=sampling(args), max_tokens=args.max_tokens,
-                          stop=args.stop)
+    session = ChatSession(model, system=args.system, sampling=chat_sampling(model, args),
+                          max_tokens=args.max_tokens, stop=args.stop, notice=log)
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()

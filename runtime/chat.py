@@ -13,11 +13,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from loaders.errors import ModelError
 from runtime.model import Model
 from runtime.stop_strings import StopStrings
+
+
+# llama.cpp's conversation defaults (llama-cli), for a model whose generation_config.json
+# says nothing about sampling; a 135M model loops under greedy decoding
+CONVERSATION_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+# DRY in the chat's defaults: it measured fewer looping replies (benchmarks/chat_loops.py)
+CHAT_DRY_MULTIPLIER = 0.8
+
+
+def conversation_sampling(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The chat's sampling when the user sets none: what generation_config.json asks for,
+    read as transformers reads it (do_sample false is greedy; unset fields take
+    transformers' defaults: temperature 1, top-k 50, top-p 1), else llama.cpp's."""
+    keys = ("do_sample", "temperature", "top_k", "top_p", "min_p")
+    given = {k: generation_config[k] for k in keys if generation_config.get(k) is not None}
+    if not given:
+        return {**CONVERSATION_DEFAULTS, "dry_multiplier": CHAT_DRY_MULTIPLIER,
+                "source": "llama.cpp's conversation defaults"}
+    if given.get("do_sample") is False:
+        return {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "dry_multiplier": 0.0,
+                "source": "generation_config.json: do_sample false"}
+    return {"temperature": float(given.get("temperature", 1.0)), "top_k": int(given.get("top_k", 50)),
+            "top_p": float(given.get("top_p", 1.0)), "min_p": float(given.get("min_p", 0.0)),
+            "dry_multiplier": 0.0, "source": "generation_config.json"}
 
 
 @dataclass
@@ -39,11 +63,13 @@ class ChatSession:
     sampling: dict[str, Any] = field(default_factory=dict)
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)  # strings that end a reply (not kept in it)
+    notice: Callable[[str], None] | None = None     # told once when old turns start being dropped
 
     def __post_init__(self) -> None:
         self.messages: list[dict[str, str]] = []
         self.cache = self.model.new_cache()
         self.cache_ids: list[int] = []  # the tokens whose keys/values the cache holds
+        self._told_dropping = False
         self.last = TurnStats()
 
     # -- conversation state ----------------------------------------------------
@@ -52,6 +78,7 @@ class ChatSession:
         self.cache.reset()
         self.cache_ids = []
         self.last = TurnStats()
+        self._told_dropping = False
 
     def conversation(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -87,6 +114,10 @@ class ChatSession:
         except ModelError:
             self.messages = before  # the conversation stays as it was, its cache too
             raise
+        if dropped and self.notice is not None and not self._told_dropping:
+            self._told_dropping = True
+            self.notice(f"the conversation no longer fits the context of {self.cache.capacity:,} tokens with "
+                        f"room for a reply: its oldest turns are dropped from now on (the system message stays)")
         common = self._reuse_prefix(ids)
         tokens = self.model.tokens(ids[common:], max_tokens=self.max_tokens, cache=self.cache, **self.sampling)
         stats = TurnStats(dropped_turns=dropped)

@@ -33,6 +33,7 @@ import numpy as np
 
 from loaders.errors import ModelError
 from runtime.generate import Generation, NonFiniteLogits
+from runtime.model import DRY_BREAKERS
 from runtime.paged_cache import DEFAULT_BLOCK_SIZE, BlockPool, PagedSequence, PoolSpec, SequenceBatch
 from runtime.sampling import Sampler, SamplingParams
 
@@ -87,12 +88,13 @@ class Handle:
 
 class _Seq:
     def __init__(self, handle: Handle, emit: Callable[[Event], None], pool: BlockPool,
-                 windows: list[int | None], capacity: int, xp: Any) -> None:
+                 windows: list[int | None], capacity: int, xp: Any, breakers: frozenset[int]) -> None:
         self.handle = handle
         self.request = r = handle.request
         self.emit = emit
         self.paged = PagedSequence(pool, windows, capacity)
-        self.gen = Generation(r.ids, Sampler(xp, r.params), r.max_tokens, r.stop_ids, capacity, r.logprobs)
+        self.gen = Generation(r.ids, Sampler(xp, r.params, breakers), r.max_tokens, r.stop_ids, capacity,
+                              r.logprobs)
         self.prefixed = False  # cached prefix blocks looked up (once per admission)
 
     @property
@@ -155,7 +157,8 @@ class Engine:
         if request.max_tokens < 0:
             raise ModelError(f"max_tokens must be >= 0, got {request.max_tokens}")
         handle = Handle(self, request)
-        seq = _Seq(handle, emit, self.pool, self.windows, self.context, self.backend.xp)
+        breakers = self.model.token_ids_containing(DRY_BREAKERS) if request.params.dry_multiplier > 0 else frozenset()
+        seq = _Seq(handle, emit, self.pool, self.windows, self.context, self.backend.xp, breakers)
         with self._work:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")

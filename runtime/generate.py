@@ -87,8 +87,8 @@ class Generation:
         self.stop_ids = frozenset(stop_ids)
         self.context = context
         self.logprobs = logprobs
-        n = sampler.params.repeat_last_n
-        # what the repetition penalty looks back on, bounded: nothing in the loop grows
+        n = sampler.params.history_length(context or len(self.prompt) + max(max_tokens, 0))
+        # what the penalties look back on, bounded: nothing in the loop grows
         self.history: deque[int] = deque(self.prompt[-n:], maxlen=n)
         self.generated: list[int] = []
         self.pending: list[int] = list(self.prompt)

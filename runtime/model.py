@@ -30,6 +30,8 @@ from runtime.sampling import Sampler, SamplingParams
 from runtime.stop_strings import StopStrings
 
 DEFAULT_MAX_CONTEXT = 4096
+# llama.cpp's default DRY sequence breakers: a repetition never reaches back past one
+DRY_BREAKERS = ("\n", ":", "\"", "*")
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Model:
         self.generation_config = read_json(generation) if generation.is_file() else {}
         self.stop_ids = self._stop_ids()
         self.stats = GenerationStats()
+        self._containing: dict[tuple[str, ...], frozenset[int]] = {}
 
     @property
     def model_type(self) -> str:
@@ -198,17 +201,20 @@ class Model:
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                seed: int | None = None, ignore_eos: bool = False, raw: bool = False,
                system: str | None = None, cache: KVCache | None = None,
-               truncate: bool = False, logprobs: int | None = None) -> Iterator[int]:
+               truncate: bool = False, logprobs: int | None = None,
+               dry: dict[str, Any] | None = None) -> Iterator[int]:
         """Generated token ids, one at a time (the layer under stream and generate).
 
         A prompt longer than the context is refused (ModelError) unless `truncate`
         (see fit_prompt): prefilling it would only feed the ring buffer tokens it
         evicts again. With `logprobs` (N), each token's log-probability and its N
         most likely alternatives are appended to `stats.logprobs` as it is yielded.
+        `dry` holds DRY's settings (SamplingParams' dry_* fields), breaking sequences
+        at DRY_BREAKERS.
         """
         if max_tokens < 0:
             raise ModelError(f"max_tokens must be >= 0, got {max_tokens}")
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed, **(dry or {}))
         ids = self.encode_prompt(prompt, raw=raw, system=system)
         if not ids:
             raise ModelError("the prompt is empty")
@@ -216,9 +222,19 @@ class Model:
         cache = cache or self.new_cache()
         self.stats = GenerationStats()
         stop = set() if ignore_eos else self.stop_ids
-        return self._diagnosed(decode_tokens(self.net, cache, ids, Sampler(self.backend.xp, params),
+        breakers = self.token_ids_containing(DRY_BREAKERS) if params.dry_multiplier > 0 else frozenset()
+        return self._diagnosed(decode_tokens(self.net, cache, ids, Sampler(self.backend.xp, params, breakers),
                                              max_tokens=max_tokens, stop_ids=stop, stats=self.stats,
                                              prefill_chunk=self.options.prefill_chunk, logprobs=logprobs))
+
+    def token_ids_containing(self, texts: Sequence[str]) -> frozenset[int]:
+        """The ids whose text contains any of `texts` (DRY's sequence breakers), found once."""
+        key = tuple(texts)
+        if key not in self._containing:
+            vocab = self.tokenizer.vocab_size
+            pieces = self.tokenizer.tokenizer.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+            self._containing[key] = frozenset(i for i, p in enumerate(pieces) if any(t in p for t in texts))
+        return self._containing[key]
 
     def fit_prompt(self, ids: list[int], max_tokens: int, *, truncate: bool = False,
                    cache: KVCache | None = None) -> list[int]:

@@ -28,6 +28,14 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    # llama.cpp's DRY ("don't repeat yourself"): a token that would extend a sequence
+    # already seen at least dry_allowed_length long loses dry_multiplier * dry_base **
+    # (length - dry_allowed_length) of logit; 0 = off; the last dry_penalty_last_n
+    # tokens are scanned (-1: all of them)
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:
@@ -42,19 +50,44 @@ class SamplingParams:
             raise ModelError(f"top_k must be >= 0, got {self.top_k}")
         if not self.repeat_penalty > 0:
             raise ModelError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if not 0 <= self.dry_multiplier < math.inf:
+            raise ModelError(f"dry_multiplier must be a finite number >= 0, got {self.dry_multiplier}")
+        if not 1 <= self.dry_base < math.inf:
+            raise ModelError(f"dry_base must be >= 1, got {self.dry_base}")
+        if self.dry_allowed_length < 1:
+            raise ModelError(f"dry_allowed_length must be >= 1, got {self.dry_allowed_length}")
+        if self.dry_penalty_last_n < -1:
+            raise ModelError(f"dry_penalty_last_n must be >= -1, got {self.dry_penalty_last_n}")
+
+    def history_length(self, context: int) -> int:
+        """How many recent tokens the penalties look back on (the decode loop keeps that many)."""
+        dry = 0
+        if self.dry_multiplier > 0:
+            dry = context if self.dry_penalty_last_n == -1 else self.dry_penalty_last_n
+        return max(self.repeat_last_n, dry)
 
 
 class Sampler:
-    def __init__(self, xp: Any, params: SamplingParams) -> None:
+    def __init__(self, xp: Any, params: SamplingParams, dry_breakers: frozenset[int] = frozenset()) -> None:
         self.xp = xp
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.dry_breakers = dry_breakers  # token ids that end a repetition (DRY's sequence breakers)
 
     def __call__(self, logits: Array, recent: Sequence[int] = ()) -> Array:
         """A 0-d device array holding the chosen token id, for one row of logits."""
         p = self.params
         if p.repeat_penalty != 1.0 and recent:
             logits = apply_repeat_penalty(self.xp, logits, list(recent)[-p.repeat_last_n:], p.repeat_penalty)
+        if p.dry_multiplier > 0 and p.dry_penalty_last_n != 0 and recent:
+            window = list(recent) if p.dry_penalty_last_n == -1 else list(recent)[-p.dry_penalty_last_n:]
+            penalties = dry_penalties(window, p.dry_multiplier, p.dry_base, p.dry_allowed_length,
+                                      self.dry_breakers)
+            if penalties:
+                ids = np.fromiter(penalties, dtype=np.int64, count=len(penalties))
+                logits = logits.copy()
+                logits[self.xp.asarray(ids)] -= self.xp.asarray(
+                    np.fromiter(penalties.values(), dtype=np.float32, count=len(penalties)))
         if p.temperature == 0.0:
             return self.xp.argmax(logits)
         return self.draw(logits * (1.0 / p.temperature))
@@ -78,6 +111,56 @@ class Sampler:
         u = float(self.rng.random()) * cdf[-1]
         index = xp.minimum(xp.searchsorted(cdf, u, side="right"), len(order) - 1)
         return order[index]
+
+
+# exp(88.72) is the largest float32: DRY's exponent is clamped below it, as in llama.cpp
+_FLOAT32_MAX_LOG = 88.7228391
+
+
+def dry_penalties(tokens: Sequence[int], multiplier: float, base: float, allowed_length: int,
+                  breakers: frozenset[int]) -> dict[int, float]:
+    """DRY's logit penalty for each token that would extend a repetition of `tokens`.
+
+    A repetition is a suffix of `tokens` that also occurs earlier; the token that
+    followed that earlier occurrence would extend it. For each such token, the
+    longest such suffix (n tokens) gives multiplier * base ** (n - allowed_length)
+    when n >= allowed_length. No suffix reaches back past the last sequence breaker,
+    and a breaker itself is never penalized (llama.cpp's llama_sampler_dry, with
+    breakers as single tokens). Vectorized over the earlier positions: one pass per
+    token of match length, not per position.
+    """
+    ctx = np.asarray(tokens, dtype=np.int64)
+    n = len(ctx)
+    if n < 2:
+        return {}
+    is_breaker = np.isin(ctx, np.fromiter(breakers, dtype=np.int64, count=len(breakers))) if breakers else \
+        np.zeros(n, dtype=bool)
+    after = np.nonzero(is_breaker)[0]
+    limit = n if not len(after) else n - 1 - int(after[-1])  # suffix tokens since the last breaker
+    if limit < allowed_length:
+        return {}
+    # ends[j]: an earlier position whose token equals the last one; length[j] grows while
+    # the tokens before both keep agreeing
+    ends = np.nonzero(ctx[:-1] == ctx[-1])[0]
+    length = np.ones(len(ends), dtype=np.int64)
+    alive = np.ones(len(ends), dtype=bool)
+    for k in range(1, limit):
+        idx = np.nonzero(alive)[0]
+        if not len(idx):
+            break
+        back = ends[idx] - k
+        ok = back >= 0
+        ok[ok] = ctx[back[ok]] == ctx[n - 1 - k]
+        length[idx[ok]] += 1
+        alive[idx[~ok]] = False
+    length = np.minimum(length, limit)
+    keep = length >= allowed_length
+    best: dict[int, int] = {}
+    for token, run in zip(ctx[ends[keep] + 1].tolist(), length[keep].tolist()):
+        if token not in breakers and run > best.get(token, 0):
+            best[token] = run
+    max_exponent = int(_FLOAT32_MAX_LOG / math.log(base)) if base > 1.000001 else 0
+    return {t: multiplier * base ** min(run - allowed_length, max_exponent) for t, run in best.items()}
 
 
 def apply_repeat_penalty(xp: Any, logits: Array, recent: Sequence[int], penalty: float) -> Array:

@@ -326,6 +326,11 @@ class Server:
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0, high_open=True),
             repeat_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 100.0, low_open=True),
             seed=_integer(body, "seed", None, 0) if body.get("seed") is not None else None,
+            # llama-server's DRY fields, the same names and meaning
+            dry_multiplier=_number(body, "dry_multiplier", 0.0, 0.0, 100.0),
+            dry_base=_number(body, "dry_base", 1.75, 1.0, 100.0),
+            dry_allowed_length=_integer(body, "dry_allowed_length", 2, 1),
+            dry_penalty_last_n=_integer(body, "dry_penalty_last_n", 64, -1),
         )
         stops = body.get("stop")
         stops = [stops] if isinstance(stops, str) else (stops or [])

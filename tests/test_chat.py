@@ -98,7 +98,9 @@ pexpect = pytest.importorskip("pexpect")
 
 
 def test_repl_in_a_terminal():
-    child = pexpect.spawn(sys.executable, [str(REPO / "cli.py"), "chat", "--max-tokens", "300"], cwd=str(REPO),
+    # greedy: the memory question below is one this small model answers under greedy decoding
+    child = pexpect.spawn(sys.executable, [str(REPO / "cli.py"), "chat", "--max-tokens", "300", "--temperature", "0"],
+                          cwd=str(REPO),
                           encoding="utf-8", timeout=180, dimensions=(50, 200))
     try:
         child.expect_exact(">>> ")
@@ -152,3 +154,44 @@ def test_chat_stop_string_ends_the_reply_and_stays_out_of_the_history(model):
     assert session.last.stop_reason == "stop"
     # the next turn still works from the history as shown
     assert "".join(session.send("And of Italy?")) is not None
+
+
+def test_conversation_sampling_follows_generation_config_else_llama_cpp():
+    from runtime.chat import CONVERSATION_DEFAULTS, conversation_sampling
+
+    default = conversation_sampling({"bos_token_id": 1, "eos_token_id": 2})  # SmolLM2's: nothing on sampling
+    assert {k: default[k] for k in CONVERSATION_DEFAULTS} == {"temperature": 0.8, "top_k": 40, "top_p": 0.95,
+                                                             "min_p": 0.05}
+    asked = conversation_sampling({"do_sample": True, "temperature": 0.6, "top_p": 0.9})
+    assert (asked["temperature"], asked["top_k"], asked["top_p"], asked["min_p"]) == (0.6, 50, 0.9, 0.0)
+    assert conversation_sampling({"do_sample": False, "temperature": 0.6})["temperature"] == 0.0
+
+
+def test_chat_banner_names_the_sampling_and_a_seed_that_replays():
+    import re
+    import subprocess
+
+    def chat(*args: str) -> tuple[str, str]:
+        result = subprocess.run([sys.executable, str(REPO / "cli.py"), "chat", "--max-tokens", "24", *args],
+                                input=b"Tell me about cats.\n", capture_output=True, timeout=180, cwd=REPO)
+        assert result.returncode == 0, result.stderr.decode()
+        return result.stdout.decode(), result.stderr.decode()
+
+    out, err = chat()
+    assert "sampling: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05" in err
+    seed = re.search(r"seed (\d+) \(--seed \1 replays it\)", err).group(1)
+    assert chat("--seed", seed)[0] == out
+    assert "sampling: greedy" in chat("--temperature", "0")[1]
+
+
+def test_chat_says_once_that_old_turns_are_dropped():
+    import subprocess
+
+    lines = "".join(f"Tell me fact number {i} about the ocean.\n" for i in range(6)).encode()
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "chat", "--ctx", "160", "--max-tokens", "40",
+                             "--temperature", "0", "--system", "Be brief."], input=lines, capture_output=True,
+                            timeout=300, cwd=REPO)
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert err.count("its oldest turns are dropped from now on (the system message stays)") == 1, err
+    assert "context of 160 tokens" in err
