@@ -358,7 +358,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interrupts = 0
     while True:
         try:
-            line = input(">>> " if interactive else "")
+            line = read_message(lambda more: input(("... " if more else ">>> ") if interactive else ""))
             interrupts = 0
         except EOFError:
             break
@@ -434,11 +434,36 @@ def _stats_text(session: Any) -> str:
             f"rest is prefilled again (dropped this turn: {s.dropped_turns})")
 
 
+def read_message(read: Callable[[bool], str]) -> str:
+    """One message from the user: a line; lines ending in a backslash continue on the next;
+    a line that starts with \"\"\" opens a block that a line ending in \"\"\" closes (as
+    ollama's REPL). `read(more)` returns the next line, `more` when it continues a message."""
+    line = read(False)
+    if line.lstrip().startswith('"""'):
+        text = line.lstrip()[3:]
+        if text.rstrip().endswith('"""'):
+            return text.rstrip()[:-3]
+        lines = [text] if text else []
+        while True:
+            line = read(True)
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).strip("\n")
+            lines.append(line)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read(True)
+    return "\n".join(lines + [line])
+
+
 def _enable_line_editing() -> None:
     try:
-        import readline  # noqa: F401, PLC0415  (input() gains editing and history)
+        import readline  # noqa: PLC0415  (input() gains editing and history)
     except ImportError:
-        pass
+        return
+    # a paste arrives as one message, newlines and all, not one message per line
+    readline.parse_and_bind("set enable-bracketed-paste on")
 
 
 COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "info": cmd_info, "perplexity": cmd_perplexity,

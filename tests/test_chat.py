@@ -195,3 +195,26 @@ def test_chat_says_once_that_old_turns_are_dropped():
     assert result.returncode == 0, err
     assert err.count("its oldest turns are dropped from now on (the system message stays)") == 1, err
     assert "context of 160 tokens" in err
+
+
+def test_bracketed_paste_arrives_as_one_message_in_a_terminal():
+    import re
+
+    child = pexpect.spawn(sys.executable, [str(REPO / "cli.py"), "chat", "--max-tokens", "8", "--temperature", "0"],
+                          cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(50, 200))
+    try:
+        child.expect_exact(">>> ")
+        # what a terminal sends for a paste of two lines (bracketed-paste mode), then Enter
+        child.send("\x1b[200~Say the word: apple.\nThen say the word: pear.\x1b[201~")
+        child.send("\r")
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect(r"tokens reused from the cache, (\d+) prefilled")
+        prefilled = int(child.match.group(1))
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    model = runtime.load(progress=False)
+    assert prefilled == len(model.encode_prompt("Say the word: apple.\nThen say the word: pear."))

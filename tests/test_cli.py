@@ -198,3 +198,41 @@ def test_generate_logprobs_are_log_softmax_of_the_logits():
         best = np.argsort(-log_softmax)[:2]
         assert [float(a.rsplit(" ", 1)[1]) for a in alternatives.split(", ")] == \
             pytest.approx(log_softmax[best].tolist(), abs=1e-3)
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (["hello"], "hello"),
+    (["first \\", "second \\", "third"], "first \nsecond \nthird"),
+    (['"""', "a poem", "", "  indented", '"""'], "a poem\n\n  indented"),
+    (['"""begins here', 'and ends here"""'], "begins here\nand ends here"),
+    (['"""one line"""'], "one line"),
+])
+def test_chat_reads_multi_line_messages(lines, expected):
+    import cli
+
+    feed = iter(lines)
+    continued = []
+
+    def read(more: bool) -> str:
+        continued.append(more)
+        return next(feed)
+
+    assert cli.read_message(read) == expected
+    assert continued == [False] + [True] * (len(lines) - 1)
+    assert next(feed, None) is None  # every line was read, and no more
+
+
+@needs_default_model
+def test_chat_block_arrives_as_one_message():
+    stdin = '"""\nSay the word: apple.\nThen say the word: pear.\n"""\n/stats\n'
+    result = run("chat", "--max-tokens", "16", "--temperature", "0", stdin=stdin)
+    assert result.returncode == 0, result.stderr.decode()
+    import re
+
+    import runtime
+
+    # one turn whose prompt is the whole block: what /stats says was prefilled is exactly
+    # the two-line message in the chat template
+    prefilled = int(re.search(r"tokens reused from the cache, (\d+) prefilled", result.stdout.decode()).group(1))
+    model = runtime.load(progress=False)
+    assert prefilled == len(model.encode_prompt("Say the word: apple.\nThen say the word: pear."))
