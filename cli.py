@@ -89,6 +89,9 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, chat: bool = 
     p.add_argument("--seed", type=non_negative_int,
                    help="random seed" + (" (default: a new one, printed in the banner)" if chat else ""))
     p.add_argument("--system", help="system message")
+    p.add_argument("--allow-special", action="store_true",
+                   help="special-token text typed in a message (<|im_end|>) becomes that token; "
+                        "by default it stays literal text")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the answer at this text, which is not printed (repeat for several)")
 
@@ -209,7 +212,7 @@ def chat_sampling(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load_model(args)
-    ids = model.encode_prompt(prompt, raw=args.raw, system=args.system)
+    ids = model.encode_prompt(prompt, raw=args.raw, system=args.system, allow_special=args.allow_special)
     try:
         fitted = model.fit_prompt(ids, args.max_tokens, truncate=args.truncate_prompt)
     except ModelError as exc:
@@ -348,7 +351,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     session = ChatSession(model, system=args.system, sampling=chat_sampling(model, args),
-                          max_tokens=args.max_tokens, stop=args.stop, notice=log)
+                          max_tokens=args.max_tokens, stop=args.stop, notice=log,
+                          allow_special=args.allow_special)
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()

@@ -30,6 +30,7 @@ class Tokenizer:
                  source: str = "tokenizer.json") -> None:
         self.tokenizer = tokenizer
         self.source = source  # named in errors
+        self._special_texts: list[str] | None = None
         self.config = config or {}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
@@ -53,9 +54,27 @@ class Tokenizer:
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.tokenizer.token_to_id(token)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return guarded(self.source, "encoding",
-                       lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    def encode(self, text: str, add_special_tokens: bool = True, literal: bool = False) -> list[int]:
+        """Token ids of text; `literal`: special-token text in it (`<|im_end|>`) is
+        tokenized as the plain text it is, not as the special token."""
+        if not literal:
+            return guarded(self.source, "encoding",
+                           lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        with _LITERAL_LOCK:  # the switch is the tokenizer's state
+            self.tokenizer.encode_special_tokens = True
+            try:
+                return guarded(self.source, "encoding",
+                               lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+            finally:
+                self.tokenizer.encode_special_tokens = False
+
+    @property
+    def special_texts(self) -> list[str]:
+        """The text of every special added token (what a user could type to forge one)."""
+        if self._special_texts is None:
+            decoder = self.tokenizer.get_added_tokens_decoder()
+            self._special_texts = [t.content for t in decoder.values() if t.special and t.content]
+        return self._special_texts
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = list(ids)
@@ -123,6 +142,7 @@ def guarded(source: str, doing: str, call: Callable[[], T]) -> T:
 
 
 _HELD_LOCK = threading.Lock()
+_LITERAL_LOCK = threading.Lock()
 _held_file: Any = None
 
 

@@ -64,6 +64,7 @@ class ChatSession:
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)  # strings that end a reply (not kept in it)
     notice: Callable[[str], None] | None = None     # told once when old turns start being dropped
+    allow_special: bool = False  # special-token text typed in a message becomes the token (else literal)
 
     def __post_init__(self) -> None:
         self.messages: list[dict[str, str]] = []
@@ -157,7 +158,7 @@ class ChatSession:
         capacity = self.cache.capacity
         dropped = 0
         while True:
-            ids = self.model.tokenizer.encode(self.model.render(self.conversation()), add_special_tokens=False)
+            ids = self.model.encode_chat(self.conversation(), allow_special=self.allow_special)
             room = capacity - len(ids)
             if room >= min(self.max_tokens, capacity // 4) or len(self.messages) <= 1:
                 return ids, dropped

@@ -178,15 +178,42 @@ class Model:
             raise ModelError(f"{self.chat_template_source}: {exc}") from None
 
     def encode_prompt(self, prompt: str | Sequence[int], *, raw: bool = False,
-                      system: str | None = None) -> list[int]:
+                      system: str | None = None, allow_special: bool = False) -> list[int]:
         """Token ids for a prompt: a list of ids as-is, a str through the chat template unless raw."""
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
         if raw or not self.chat_template:
             return self.tokenizer.encode(prompt)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        # the template writes BOS itself: adding special tokens would double it
-        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
+        return self.encode_chat(messages, allow_special=allow_special)
+
+    def encode_chat(self, messages: list[dict[str, Any]], *, allow_special: bool = False,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation through the chat template.
+
+        Special-token text inside a message (a user typing `<|im_end|>` or
+        `<|im_start|>system`) stays literal text unless `allow_special`: only the
+        template writes special tokens. When a message holds such text, the template
+        is rendered with a marker for each message's content and the contents are
+        tokenized on their own, with special tokens off; otherwise (nearly always)
+        the rendered text is tokenized whole, exactly as HF's apply_chat_template.
+        The template writes BOS itself: adding special tokens would double it.
+        """
+        text = self.render(messages, add_generation_prompt)
+        specials = self.tokenizer.special_texts
+        contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
+        if allow_special or not any(c and any(s in c for s in specials) for c in contents):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        marked = [{**m, "content": f"\ue000{i}\ue001"} if c is not None else m
+                  for i, (m, c) in enumerate(zip(messages, contents))]
+        ids: list[int] = []
+        for piece in re.split("(\ue000\\d+\ue001)", self.render(marked, add_generation_prompt)):
+            index = re.fullmatch("\ue000(\\d+)\ue001", piece)
+            if index:
+                ids += self.tokenizer.encode(contents[int(index.group(1))], add_special_tokens=False, literal=True)
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids
 
     # -- running --------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:

@@ -382,8 +382,7 @@ class Server:
                 raise APIError(400, f"messages[{i}].content must be a string", param="messages")
             clean.append({**m, "content": content or ""})
         try:
-            text = self.model.render(clean, add_generation_prompt=True)
-            return self.model.tokenizer.encode(text, add_special_tokens=False)
+            return self.model.encode_chat(clean)  # special-token text in a message stays literal
         except ModelError as exc:
             raise APIError(400, str(exc), param="messages") from None
 
