@@ -340,8 +340,8 @@ CHAT_HELP = """commands:
   /reset         clear the conversation and the KV cache
   /system TEXT   set the system message (clears the conversation)
   /stats         tokens reused and prefilled for the last turn, speeds, context use
-  /save FILE     save the conversation as JSON messages
-  /load FILE     load a conversation saved with /save
+  /save FILE     save the conversation and its KV cache (compressed)
+  /load FILE     resume a chat saved with /save, without prefilling it again
   /exit          leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
 Ctrl-C while the model answers stops the answer and keeps what it said."""
 
@@ -417,10 +417,11 @@ def _chat_command(session: Any, text: str) -> bool:
             print(_stats_text(session))
         elif name == "/save" and arg:
             session.save(Path(arg))
-            log(f"saved {len(session.conversation())} messages to {arg}")
+            log(f"saved {len(session.conversation())} messages and {len(session.cache_ids)} cached tokens to {arg}")
         elif name == "/load" and arg:
             session.load(Path(arg))
-            log(f"loaded {len(session.conversation())} messages from {arg}")
+            log(f"loaded {len(session.conversation())} messages and {len(session.cache_ids)} cached tokens "
+                f"from {arg}")
         else:
             log(f"unknown command {text!r}; /help lists them")
     except (ModelError, OSError) as exc:

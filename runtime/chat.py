@@ -10,12 +10,12 @@ turn longer than the context rides the ring buffer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from loaders.errors import ModelError
+from runtime import chat_file
 from runtime.model import Model
 from runtime.stop_strings import StopStrings
 
@@ -86,21 +86,14 @@ class ChatSession:
         return system + self.messages
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.conversation(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        """The conversation and its KV cache, to resume without prefilling (runtime.chat_file)."""
+        chat_file.save(self, path)
 
     def load(self, path: Path) -> None:
-        try:
-            messages = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path}: cannot load conversation ({exc})") from None
-        if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                   and isinstance(m.get("content"), str) for m in messages)):
-            raise ModelError(f"{path}: expected a JSON list of {{'role': ..., 'content': ...}} messages")
-        self.reset()
-        if messages and messages[0]["role"] == "system":
-            self.system = messages[0]["content"]
-            messages = messages[1:]
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        """A chat saved by `save` (or JSON messages, prefilled at the next turn); ModelError
+        for a file of another model, template or cache dtype, or a damaged one, with the
+        session left as it was."""
+        chat_file.load(self, path)
 
     # -- one turn --------------------------------------------------------------
     def send(self, text: str) -> Iterator[str]:

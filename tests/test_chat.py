@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,10 +57,8 @@ def test_reuse_gives_the_same_answer_as_a_fresh_prefill(model, tmp_path):
     "".join(session.send("Say hello."))
     reused_answer = "".join(session.send("Now say goodbye."))
     assert session.last.reused_tokens > 0
-    session.save(tmp_path / "c.json")
     fresh = ChatSession(model, max_tokens=20)
-    fresh.load(tmp_path / "c.json")
-    fresh.messages = fresh.messages[:-2]  # replay the last turn from scratch
+    fresh.messages = [dict(m) for m in session.messages[:-2]]  # replay the last turn from scratch
     assert "".join(fresh.send("Now say goodbye.")) == reused_answer
     assert fresh.last.reused_tokens == 0
 
@@ -67,13 +66,82 @@ def test_reuse_gives_the_same_answer_as_a_fresh_prefill(model, tmp_path):
 def test_save_and_load_round_trip(model, tmp_path):
     session = ChatSession(model, system="You are terse.", max_tokens=8)
     "".join(session.send("Hi"))
-    path = tmp_path / "conv.json"
+    path = tmp_path / "conv.chat"
     session.save(path)
-    saved = json.loads(path.read_text())
-    assert saved[0] == {"role": "system", "content": "You are terse."} and saved[1]["content"] == "Hi"
     other = ChatSession(model)
     other.load(path)
-    assert other.conversation() == saved
+    assert other.conversation() == session.conversation()
+    assert other.conversation()[0] == {"role": "system", "content": "You are terse."}
+    # JSON messages (as earlier versions saved them) still load, to be prefilled again
+    (tmp_path / "old.json").write_text(json.dumps(session.conversation()))
+    third = ChatSession(model)
+    third.load(tmp_path / "old.json")
+    assert third.conversation() == session.conversation() and third.cache_ids == []
+
+
+def test_load_resumes_without_prefilling_and_answers_the_same(model, tmp_path):
+    session = ChatSession(model, max_tokens=16)
+    "".join(session.send("Name three fruits."))
+    "".join(session.send("Which of them is red?"))
+    path = tmp_path / "fruits.chat"
+    session.save(path)
+    held = len(session.cache_ids)
+    expected = "".join(session.send("And which is yellow?"))
+    resumed = ChatSession(model, max_tokens=16)
+    resumed.load(path)
+    assert len(resumed.cache_ids) == held
+    assert "".join(resumed.send("And which is yellow?")) == expected
+    assert resumed.last.reused_tokens >= held - 2  # everything cached but the end-of-turn marker
+    assert resumed.last.prefilled_tokens < 20
+
+
+def test_load_refuses_another_model_template_or_dtype_and_damage(model, tmp_path):
+    import zipfile
+
+    from loaders.errors import ModelError
+
+    session = ChatSession(model, max_tokens=8)
+    "".join(session.send("Hi"))
+    path = tmp_path / "hi.chat"
+    session.save(path)
+    target = ChatSession(model, max_tokens=8)
+    "".join(target.send("Hello there"))
+    before = (list(target.messages), list(target.cache_ids))
+
+    def refused(file: Path, match: str) -> None:
+        with pytest.raises(ModelError, match=match):
+            target.load(file)
+        assert (target.messages, target.cache_ids) == before  # the session is intact
+
+    int8 = runtime.load(max_context=512, kv_dtype="int8", progress=False)
+    with pytest.raises(ModelError, match="saved with a float32 KV cache, this session's is int8"):
+        ChatSession(int8).load(path)
+    # another template: the same weights and tokenizer in a folder whose template differs
+    import shutil
+    folder = tmp_path / "retemplated"
+    shutil.copytree(model.folder, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ModelError, match="another chat template"):
+        ChatSession(runtime.load(folder, max_context=512, progress=False)).load(path)
+    # another model: the same shapes, one weight changed
+    from safetensors.numpy import load_file, save_file
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, str(folder / "model.safetensors"))
+    (folder / "chat_template.jinja").unlink()
+    with pytest.raises(ModelError, match="saved with another model"):
+        ChatSession(runtime.load(folder, max_context=512, progress=False)).load(path)
+    data = path.read_bytes()
+    (tmp_path / "short.chat").write_bytes(data[:len(data) // 2])
+    refused(tmp_path / "short.chat", "not a chat saved by /save, or damaged")
+    flipped = bytearray(data)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("k0.npy")
+    flipped[info.header_offset + 30 + len(info.filename) + 40] ^= 0xFF  # inside k0's compressed bytes
+    (tmp_path / "flipped.chat").write_bytes(bytes(flipped))
+    refused(tmp_path / "flipped.chat", "damaged")
+    (tmp_path / "garbage.chat").write_bytes(b"PK\x03\x04 not really")
+    refused(tmp_path / "garbage.chat", "not a chat saved by /save")
 
 
 def test_conversation_longer_than_the_context_drops_old_turns(model):
@@ -250,3 +318,21 @@ def test_chat_session_keeps_typed_markers_literal_unless_allowed(model):
     allowed = ChatSession(model, max_tokens=4, allow_special=True)
     "".join(allowed.send(FORGED))
     assert allowed.cache_ids[:allowed.last.prefilled_tokens].count(im_start) == 4
+
+
+def test_repl_save_load_and_a_damaged_file(tmp_path):
+    import subprocess
+
+    saved, damaged = tmp_path / "a.chat", tmp_path / "bad.chat"
+    damaged.write_bytes(b"PK\x03\x04 nothing")
+    stdin = (f"Name a fruit.\n/save {saved}\n/load {damaged}\n/stats\n/load {saved}\nAnother one?\n/stats\n").encode()
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "chat", "--max-tokens", "8", "--temperature", "0"],
+                            input=stdin, capture_output=True, timeout=300, cwd=REPO)
+    err, out = result.stderr.decode(), result.stdout.decode()
+    assert result.returncode == 0 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.chat: not a chat saved by /save" in errors[0]
+    assert "cached tokens to" in err and "cached tokens from" in err
+    import re
+    reused = [int(n) for n in re.findall(r"last turn: (\d+) tokens reused", out)]
+    assert reused[-1] > 20  # the turn after /load reused the saved cache
