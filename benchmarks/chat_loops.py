@@ -54,6 +54,7 @@ def loops(text: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--only-dry", default="", help="comma-separated DRY multipliers to try alone, e.g. 1.5,2")
     args = parser.parse_args()
     import runtime
     from runtime.chat import CHAT_DRY_MULTIPLIER, CONVERSATION_DEFAULTS, ChatSession
@@ -65,6 +66,9 @@ def main() -> None:
         "llama.cpp conversation sampling": dict(CONVERSATION_DEFAULTS),
         f"that sampling + DRY {CHAT_DRY_MULTIPLIER}": dict(CONVERSATION_DEFAULTS, dry=dry),
     }
+    if args.only_dry:
+        configs = {f"that sampling + DRY {m}": dict(CONVERSATION_DEFAULTS, dry=dict(dry, dry_multiplier=float(m)))
+                   for m in args.only_dry.split(",")}
     print("| decoding | replies that loop (of 20) | tokens generated | seconds |\n|---|---|---|---|")
     for name, sampling in configs.items():
         looping, tokens, start = 0, 0, time.perf_counter()
