@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="talk with a model (the model's own chat template)")
     add_model_args(chat)
     add_sampling_args(chat, max_tokens=512, chat=True)
+    chat.add_argument("--hide-thinking", action="store_true",
+                      help="a thinking model's reasoning is not shown (it is dimmed by default)")
 
     gen = sub.add_parser("generate", help="complete one prompt")
     add_model_args(gen)
@@ -340,6 +342,7 @@ CHAT_HELP = """commands:
   /reset         clear the conversation and the KV cache
   /system TEXT   set the system message (clears the conversation)
   /stats         tokens reused and prefilled for the last turn, speeds, context use
+  /think on|off  a thinking model (Qwen3) reasons before answering, or not
   /save FILE     save the conversation and its KV cache (compressed)
   /load FILE     resume a chat saved with /save, without prefilling it again
   /exit          leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
@@ -380,9 +383,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 break
             continue
         try:
+            show = _ReplyPrinter(session, hide_thinking=args.hide_thinking, dim=sys.stdout.isatty())
             for piece in session.send(text):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                show(piece)
+            show.end()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         except ModelError as exc:  # e.g. the template refuses the conversation: say so, keep chatting
@@ -395,6 +399,47 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         sys.stdout.write("\n")
     return 0
+
+
+class _ReplyPrinter:
+    """Writes a reply as it streams; a thinking model's reasoning dimmed on a terminal, in
+    its <think> tags elsewhere, or left out (--hide-thinking)."""
+
+    def __init__(self, session: Any, hide_thinking: bool, dim: bool) -> None:
+        from runtime import thinking  # noqa: PLC0415
+
+        self.active = thinking.thinks(session.model.chat_template)
+        self.splitter = thinking.ThinkingSplitter(inside=self.active and session.reply_starts_thinking())
+        self.hide, self.dim = hide_thinking, dim
+        self.in_thinking = False
+
+    def __call__(self, piece: str) -> None:
+        parts = self.splitter.push(piece) if self.active else [("answer", piece)]
+        for kind, text in parts:
+            self._write(kind, text)
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        for kind, text in self.splitter.flush() if self.active else []:
+            self._write(kind, text)
+        self._switch("answer")
+        sys.stdout.flush()
+
+    def _write(self, kind: str, text: str) -> None:
+        self._switch(kind)
+        if kind == "answer" or not self.hide:
+            sys.stdout.write(text)
+
+    def _switch(self, kind: str) -> None:
+        thinking_now = kind == "thinking"
+        if thinking_now == self.in_thinking or self.hide:
+            self.in_thinking = thinking_now
+            return
+        if self.dim:
+            sys.stdout.write("\x1b[2m" if thinking_now else "\x1b[0m")
+        else:
+            sys.stdout.write("<think>" if thinking_now else "</think>")
+        self.in_thinking = thinking_now
 
 
 def _chat_command(session: Any, text: str) -> bool:
@@ -413,6 +458,14 @@ def _chat_command(session: Any, text: str) -> bool:
             session.reset()
             session.system = arg or None
             log("system message set; conversation cleared" if arg else "system message removed")
+        elif name == "/think" and arg in ("on", "off"):
+            from runtime import thinking  # noqa: PLC0415
+
+            if not thinking.can_toggle(session.model.chat_template):
+                log("this model's chat template has no enable_thinking switch")
+            else:
+                session.template_context["enable_thinking"] = arg == "on"
+                log(f"thinking {arg} from the next message")
         elif name == "/stats":
             print(_stats_text(session))
         elif name == "/save" and arg:

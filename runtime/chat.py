@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from loaders.errors import ModelError
-from runtime import chat_file
+from runtime import chat_file, thinking
 from runtime.model import Model
 from runtime.stop_strings import StopStrings
 
@@ -65,6 +65,7 @@ class ChatSession:
     stop: list[str] = field(default_factory=list)  # strings that end a reply (not kept in it)
     notice: Callable[[str], None] | None = None     # told once when old turns start being dropped
     allow_special: bool = False  # special-token text typed in a message becomes the token (else literal)
+    template_context: dict[str, Any] = field(default_factory=dict)  # e.g. enable_thinking (Qwen3's /think)
 
     def __post_init__(self) -> None:
         self.messages: list[dict[str, str]] = []
@@ -80,6 +81,12 @@ class ChatSession:
         self.cache_ids = []
         self.last = TurnStats()
         self._told_dropping = False
+
+    def reply_starts_thinking(self) -> bool:
+        """The next reply starts inside <think> (the template opened it: DeepSeek-R1's)."""
+        text = self.model.render(self.conversation() + [{"role": "user", "content": "x"}],
+                                 **self.template_context) if self.model.chat_template else ""
+        return thinking.starts_inside(text)
 
     def conversation(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -151,7 +158,8 @@ class ChatSession:
         capacity = self.cache.capacity
         dropped = 0
         while True:
-            ids = self.model.encode_chat(self.conversation(), allow_special=self.allow_special)
+            ids = self.model.encode_chat(self.conversation(), allow_special=self.allow_special,
+                                         **self.template_context)
             room = capacity - len(ids)
             if room >= min(self.max_tokens, capacity // 4) or len(self.messages) <= 1:
                 return ids, dropped

@@ -188,7 +188,7 @@ class Model:
         return self.encode_chat(messages, allow_special=allow_special)
 
     def encode_chat(self, messages: list[dict[str, Any]], *, allow_special: bool = False,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, **context: Any) -> list[int]:
         """Token ids of a conversation through the chat template.
 
         Special-token text inside a message (a user typing `<|im_end|>` or
@@ -199,7 +199,7 @@ class Model:
         the rendered text is tokenized whole, exactly as HF's apply_chat_template.
         The template writes BOS itself: adding special tokens would double it.
         """
-        text = self.render(messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt, **context)
         specials = self.tokenizer.special_texts
         contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
         if allow_special or not any(c and any(s in c for s in specials) for c in contents):
@@ -207,7 +207,7 @@ class Model:
         marked = [{**m, "content": f"\ue000{i}\ue001"} if c is not None else m
                   for i, (m, c) in enumerate(zip(messages, contents))]
         ids: list[int] = []
-        for piece in re.split("(\ue000\\d+\ue001)", self.render(marked, add_generation_prompt)):
+        for piece in re.split("(\ue000\\d+\ue001)", self.render(marked, add_generation_prompt, **context)):
             index = re.fullmatch("\ue000(\\d+)\ue001", piece)
             if index:
                 ids += self.tokenizer.encode(contents[int(index.group(1))], add_special_tokens=False, literal=True)

@@ -42,6 +42,7 @@ SPECIAL_TOKENS: dict[str, tuple[str | None, str]] = {
     "phi-3-small": ("<|endoftext|>", "<|endoftext|>"),
     "phi-4-mini-instruct": ("<|endoftext|>", "<|endoftext|>"),
     "qwen2.5-instruct": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"),
     "smollm2-instruct": ("<|im_start|>", "<|im_end|>"),
     "granite-3.0-instruct": ("<|end_of_text|>", "<|end_of_text|>"),
     "openchat-3.5": ("<s>", "<|end_of_turn|>"),
@@ -221,7 +222,7 @@ def test_matches_transformers(name: str, conversation: str, add_generation_promp
 
 
 def test_templates_found() -> None:
-    assert len(TEMPLATES) >= 21, f"expected the real templates in {TEMPLATES_DIR}"
+    assert len(TEMPLATES) >= 22, f"expected the real templates in {TEMPLATES_DIR}"
     assert (TEMPLATES_DIR / "LICENSE.chat_templates").is_file()
     assert set(SPECIAL_TOKENS) | set(EXPECTED_MARKERS) <= set(TEMPLATES)
 
@@ -414,6 +415,7 @@ def test_find_reads_real_template(tmp_path: Path) -> None:
 EXPECTED_MARKERS = {
     "chatml": ["<|im_end|>"],
     "qwen2.5-instruct": ["<|im_end|>"],
+    "qwen3": ["<|im_end|>"],
     "smollm2-instruct": ["<|im_end|>"],
     "llama-3-instruct": ["<|eot_id|>"],
     "gemma-it": ["<end_of_turn>"],
