@@ -327,7 +327,11 @@ class KVCache:
 
     def store(self, layer: int, k: Any, v: Any) -> None:
         """Write this call's keys and values (kv_heads, T, d) into their slots."""
-        slots = self._step.slots
+        self.write_slots(layer, self._step.slots, k, v)
+
+    def write_slots(self, layer: int, slots: Any, k: Any, v: Any) -> None:
+        """Keys and values (kv_heads, T, d) into `slots` (T,) of a layer, in the storage dtype
+        (also the paged pool's writes: runtime.paged_cache)."""
         if self.spec.kv_dtype == "int8":
             # keys and values quantized in one go: in a decode step the dozen
             # small-array calls of a quantize cost more than its data (two took
@@ -339,6 +343,17 @@ class KVCache:
         else:
             self.k[layer][:, slots] = k
             self.v[layer][:, slots] = v
+
+    def read_slots(self, layer: int, slots: Any, values: bool) -> Any:
+        """A layer's keys (or values) at `slots` (any index shape) as float32, scaled down by
+        widen_factor like everything attention reads (the paged pool's reads)."""
+        stored = (self.v if values else self.k)[layer][:, slots]
+        if self.spec.kv_dtype == "float32":
+            return stored
+        scales = None if self.k_scale is None else (self.v_scale if values else self.k_scale)[layer][:, slots]
+        out = self.xp.empty(stored.shape, dtype=self.xp.float32)
+        self._widen(stored, scales, out)
+        return out
 
     def reset(self) -> None:
         """Forget the sequence; the buffers stay allocated."""

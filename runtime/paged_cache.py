@@ -270,7 +270,7 @@ class PagedRing:
         self.n_after = last + 1 - after_low
 
     def _gather(self, layer: int, slots: Any, values: bool) -> Any:
-        return gather(self.store_cache, layer, slots, values)
+        return self.store_cache.read_slots(layer, slots, values)
 
     def keys_values(self, layer: int, n: int | None = None) -> tuple[Any, Any, float]:
         if self._old_slots is None:
@@ -280,7 +280,7 @@ class PagedRing:
                 self.widen_factor)
 
     def store(self, layer: int, k: Any, v: Any) -> None:
-        scatter(self.store_cache, layer, self._new_slots, k, v)
+        self.store_cache.write_slots(layer, self._new_slots, k, v)
 
     def scores_buffer(self, rows: int, cols: int) -> Any:
         return self.xp.empty((self.spec.num_kv_heads, rows, cols), dtype=self.xp.float32)
@@ -291,30 +291,6 @@ class PagedRing:
 
     def weigh_values(self, layer: int, p: Any) -> Any:
         return p @ self._gather(layer, self._after_slots, True)
-
-
-def gather(c: KVCache, layer: int, slots: Any, values: bool) -> Any:
-    """A layer's keys (or values) at `slots` (any index shape) as float32, scaled down
-    by the store's widen_factor like everything attention reads."""
-    stored = (c.v if values else c.k)[layer][:, slots]
-    if c.spec.kv_dtype == "float32":
-        return stored
-    scales = None if c.k_scale is None else (c.v_scale if values else c.k_scale)[layer][:, slots]
-    out = c.xp.empty(stored.shape, dtype=c.xp.float32)
-    c._widen(stored, scales, out)
-    return out
-
-
-def scatter(c: KVCache, layer: int, slots: Any, k: Any, v: Any) -> None:
-    """Write keys and values (kv_heads, T, d) at `slots` (T,) of a layer, in the store's dtype."""
-    if c.spec.kv_dtype == "int8":
-        q, scale = c._quantize(c.xp.concatenate([k, v]))
-        n = k.shape[0]
-        c.k[layer][:, slots], c.k_scale[layer][:, slots] = q[:n], scale[:n]
-        c.v[layer][:, slots], c.v_scale[layer][:, slots] = q[n:], scale[n:]
-    else:
-        c.k[layer][:, slots] = k
-        c.v[layer][:, slots] = v
 
 
 def _as_index(slots: np.ndarray) -> slice | np.ndarray:
@@ -393,14 +369,14 @@ class SequenceBatch:
 
     def store_decode(self, layer: int, k: Any, v: Any) -> None:
         """Each sequence's one new key and value (kv_heads, B, d) into its slot."""
-        scatter(self.sequences[0].pool.store, layer, self._new_slots, k, v)
+        self.sequences[0].pool.store.write_slots(layer, self._new_slots, k, v)
 
     def decode_keys_values(self, layer: int) -> tuple[Any, Any, Any]:
         """Keys and values (kv_heads, B, m, d) each sequence's query sees at this layer
         (its window, if the layer has one), padded to the longest, and the padding's mask."""
         index, hidden = self._padded[self.sequences[0].layer_kind[layer]]
         store = self.sequences[0].pool.store
-        return gather(store, layer, index, False), gather(store, layer, index, True), hidden
+        return store.read_slots(layer, index, False), store.read_slots(layer, index, True), hidden
 
     def end(self) -> None:
         for seq in self.sequences:

@@ -136,3 +136,15 @@ def assert_matches_hf(folder: Path, reference: Any, vocab_size: int, seed: int =
         assert np.abs(stepped - expected).max() <= tolerance, kv_dtype
     prompt = ids[:16]
     assert greedy(net, spec, prompt, 32) == hf_greedy(reference, prompt, 32)
+
+
+def greedy_log_softmax(model: Any, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """The greedy tokens after `prompt` and, for each, the float64 log-softmax of the logits
+    it was drawn from (one prefill of prompt + tokens): the reference for logprobs."""
+    tokens = list(model.tokens(prompt, max_tokens=n))
+    logits = model.logits(prompt + tokens).astype(np.float64)
+    rows = []
+    for i in range(len(tokens)):
+        row = logits[len(prompt) - 1 + i]
+        rows.append(row - row.max() - np.log(np.exp(row - row.max()).sum()))
+    return tokens, rows

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, needs_default_model
+from conftest import REPO, greedy_log_softmax, needs_default_model
 
 
 def run(*args: str, stdin: str | bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -185,13 +185,9 @@ def test_generate_logprobs_are_log_softmax_of_the_logits():
     lines = result.stderr.decode().splitlines()
     table = lines[lines.index("logprobs (token, log-probability, likeliest alternatives):") + 1:-1]
     model = runtime.load(progress=False)
-    prompt = model.encode_prompt(question)
-    tokens = list(model.tokens(prompt, max_tokens=5))
-    logits = model.logits(prompt + tokens).astype(np.float64)
+    tokens, rows = greedy_log_softmax(model, model.encode_prompt(question), 5)
     assert len(table) == len(tokens)
-    for i, (line, token) in enumerate(zip(table, tokens)):
-        row = logits[len(prompt) - 1 + i]
-        log_softmax = row - row.max() - np.log(np.exp(row - row.max()).sum())
+    for line, token, log_softmax in zip(table, tokens, rows):
         text, logprob, alternatives = line.split("\t")
         assert text == repr(model.tokenizer.decode([token], skip_special_tokens=False))
         assert abs(float(logprob) - log_softmax[token]) < 1e-3

@@ -13,7 +13,6 @@ and the RSS within a few MB.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, hf_greedy, needs_default_model, save_tiny
+from conftest import REPO, free_port, greedy_log_softmax, hf_greedy, needs_default_model, save_tiny
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -179,13 +178,9 @@ def test_logprobs_are_log_softmax_of_our_logits(server: Served, model: Any) -> N
     reply = server.client().chat.completions.create(model="x", messages=QUESTION, max_tokens=6, temperature=0,
                                                     logprobs=True, top_logprobs=3)
     entries = reply.choices[0].logprobs.content
-    prompt = model.encode_prompt(QUESTION[0]["content"])
-    tokens = list(model.tokens(prompt, max_tokens=6))
-    logits = model.logits(prompt + tokens).astype(np.float64)
+    tokens, rows = greedy_log_softmax(model, model.encode_prompt(QUESTION[0]["content"]), 6)
     assert len(entries) == len(tokens)
-    for i, (entry, token) in enumerate(zip(entries, tokens)):
-        row = logits[len(prompt) - 1 + i]
-        log_softmax = row - row.max() - math.log(np.exp(row - row.max()).sum())
+    for entry, token, log_softmax in zip(entries, tokens, rows):
         assert abs(entry.logprob - log_softmax[token]) < 1e-4
         assert entry.token == model.tokenizer.decode([token], skip_special_tokens=False)
         assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
