@@ -336,3 +336,53 @@ def test_repl_save_load_and_a_damaged_file(tmp_path):
     import re
     reused = [int(n) for n in re.findall(r"last turn: (\d+) tokens reused", out)]
     assert reused[-1] > 20  # the turn after /load reused the saved cache
+
+
+def test_repl_blocks_continuations_save_and_load_in_a_terminal(tmp_path):
+    import re
+
+    saved = tmp_path / "t.chat"
+    child = pexpect.spawn(sys.executable, [str(REPO / "cli.py"), "chat", "--max-tokens", "8", "--seed", "3"],
+                          cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(50, 200))
+    try:
+        child.expect(r"sampling: temperature 0\.8, top-k 40, top-p 0\.95, min-p 0\.05, DRY 0\.8 .*seed 3 ")
+        child.expect_exact(">>> ")
+        child.sendline('"""')
+        child.expect_exact("... ")
+        child.sendline("Say the word: apple.")
+        child.expect_exact("... ")
+        child.sendline('Then say the word: pear."""')
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect(r"tokens reused from the cache, (\d+) prefilled")
+        first = int(child.match.group(1))
+        child.expect_exact(">>> ")
+        child.sendline("One more \\")
+        child.expect_exact("... ")
+        child.sendline("line.")
+        child.expect_exact(">>> ")
+        child.sendline(f"/save {saved}")
+        child.expect(r"saved 4 messages and (\d+) cached tokens")
+        cached = int(child.match.group(1))
+        child.expect_exact(">>> ")
+        child.sendline("/reset")
+        child.expect_exact(">>> ")
+        child.sendline(f"/load {saved}")
+        child.expect(rf"loaded 4 messages and {cached} cached tokens")
+        child.expect_exact(">>> ")
+        child.sendline("/think on")
+        child.expect_exact("no enable_thinking switch")
+        child.expect_exact(">>> ")
+        child.sendline("Thanks!")
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect(r"last turn: (\d+) tokens reused")
+        reused = int(child.match.group(1))
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    model = runtime.load(progress=False)
+    assert first == len(model.encode_prompt("Say the word: apple.\nThen say the word: pear."))
+    assert reused >= cached - 2  # the loaded cache, not a prefill
