@@ -100,12 +100,15 @@ def test_qwen3_history_drops_old_reasoning_and_reuses_the_turn_before(qwen3: Any
     # the template renders the first reply without its reasoning now: everything before that
     # reply comes from the cache; the reply itself (shorter now) is prefilled again
     assert session.last.reused_tokens == before_reply
+    print(f"turn 2 after a thinking reply: {session.last.reused_tokens} tokens reused, "
+          f"{session.last.prefilled_tokens} prefilled")
     rendered = qwen3.render(session.conversation()[:-1])
     assert "Two and two" not in rendered and "It is 4." in rendered
     # the turn after reuses everything but the end-of-turn marker (no reasoning to drop)
     held = len(session.cache_ids)
     "".join(session.send("And 4+4?"))
     assert session.last.reused_tokens >= held - 2
+    print(f"turn 3: {session.last.reused_tokens} reused, {session.last.prefilled_tokens} prefilled")
 
 
 def test_think_off_renders_qwen3s_empty_reasoning(qwen3: Any) -> None:
