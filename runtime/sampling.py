@@ -156,7 +156,7 @@ def dry_penalties(tokens: Sequence[int], multiplier: float, base: float, allowed
     length = np.minimum(length, limit)
     keep = length >= allowed_length
     best: dict[int, int] = {}
-    for token, run in zip(ctx[ends[keep] + 1].tolist(), length[keep].tolist()):
+    for token, run in zip(map(int, ctx[ends[keep] + 1]), map(int, length[keep])):  # host arrays
         if token not in breakers and run > best.get(token, 0):
             best[token] = run
     max_exponent = int(_FLOAT32_MAX_LOG / math.log(base)) if base > 1.000001 else 0

@@ -50,6 +50,12 @@ ALLOWED_NUMPY = {
     ("runtime/sampling.py", "apply_repeat_penalty", "np.unique"),  # recent token ids
     ("runtime/sampling.py", "apply_repeat_penalty", "np.asarray"),
     ("runtime/sampling.py", "apply_repeat_penalty", "np.int64"),
+    # DRY: matches found over the recent token ids on the host; the penalties go up with xp
+    *[("runtime/sampling.py", "dry_penalties", name) for name in (
+        "np.asarray", "np.fromiter", "np.int64", "np.isin", "np.minimum", "np.nonzero", "np.ones", "np.zeros")],
+    ("runtime/sampling.py", "Sampler.__call__", "np.fromiter"),  # the penalized ids and amounts
+    ("runtime/sampling.py", "Sampler.__call__", "np.int64"),
+    ("runtime/sampling.py", "Sampler.__call__", "np.float32"),
     ("runtime/generate.py", "prefill", "np.asarray"),  # prompt token ids
     ("runtime/generate.py", "prefill", "np.int64"),
     ("runtime/generate.py", "decode_tokens", "np.asarray"),  # the sampled token id
