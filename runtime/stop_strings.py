@@ -26,7 +26,7 @@ class StopStrings:
             self.hit = True
             self.held = ""
             return text[:min(i for i, _ in found)]
-        keep = max((_overlap(text, s) for s in self.stops), default=0)
+        keep = max((partial_overlap(text, s) for s in self.stops), default=0)
         self.held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
@@ -36,8 +36,9 @@ class StopStrings:
         return held
 
 
-def _overlap(text: str, stop: str) -> int:
-    """The length of the longest end of text that is a proper start of stop."""
+def partial_overlap(text: str, stop: str) -> int:
+    """The length of the longest end of text that is a proper start of stop (what must be
+    held back while the rest of stop may still come; also the thinking tags')."""
     for k in range(min(len(stop) - 1, len(text)), 0, -1):
         if text.endswith(stop[:k]):
             return k

@@ -8,6 +8,8 @@ be the start of a tag is held back until it cannot (as stop strings are).
 
 from __future__ import annotations
 
+from runtime.stop_strings import partial_overlap
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -53,7 +55,7 @@ class ThinkingSplitter:
             if not self.inside and self.seen_open:  # the answer: no tag to look for anymore
                 out.append(("answer", text))
                 break
-            keep = _partial(text, tag)
+            keep = partial_overlap(text, tag)
             if len(text) > keep:
                 out.append((self._kind(), text[:len(text) - keep]))
             self.held = text[len(text) - keep:]
@@ -66,11 +68,3 @@ class ThinkingSplitter:
 
     def _kind(self) -> str:
         return "thinking" if self.inside else "answer"
-
-
-def _partial(text: str, tag: str) -> int:
-    """The length of the longest end of text that is a proper start of tag."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
