@@ -129,16 +129,15 @@ def dry_penalties(tokens: Sequence[int], multiplier: float, base: float, allowed
     breakers as single tokens). Vectorized over the earlier positions: one pass per
     token of match length, not per position.
     """
-    ctx = np.asarray(tokens, dtype=np.int64)
-    n = len(ctx)
+    n = len(tokens)
     if n < 2:
         return {}
-    is_breaker = np.isin(ctx, np.fromiter(breakers, dtype=np.int64, count=len(breakers))) if breakers else \
-        np.zeros(n, dtype=bool)
-    after = np.nonzero(is_breaker)[0]
-    limit = n if not len(after) else n - 1 - int(after[-1])  # suffix tokens since the last breaker
+    limit = 0  # suffix tokens since the last breaker: scanned back, usually a few steps
+    while limit < n and tokens[n - 1 - limit] not in breakers:
+        limit += 1
     if limit < allowed_length:
         return {}
+    ctx = np.asarray(tokens, dtype=np.int64)
     # ends[j]: an earlier position whose token equals the last one; length[j] grows while
     # the tokens before both keep agreeing
     ends = np.nonzero(ctx[:-1] == ctx[-1])[0]
@@ -153,7 +152,6 @@ def dry_penalties(tokens: Sequence[int], multiplier: float, base: float, allowed
         ok[ok] = ctx[back[ok]] == ctx[n - 1 - k]
         length[idx[ok]] += 1
         alive[idx[~ok]] = False
-    length = np.minimum(length, limit)
     keep = length >= allowed_length
     best: dict[int, int] = {}
     for token, run in zip(map(int, ctx[ends[keep] + 1]), map(int, length[keep])):  # host arrays

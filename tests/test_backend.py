@@ -52,7 +52,7 @@ ALLOWED_NUMPY = {
     ("runtime/sampling.py", "apply_repeat_penalty", "np.int64"),
     # DRY: matches found over the recent token ids on the host; the penalties go up with xp
     *[("runtime/sampling.py", "dry_penalties", name) for name in (
-        "np.asarray", "np.fromiter", "np.int64", "np.isin", "np.minimum", "np.nonzero", "np.ones", "np.zeros")],
+        "np.asarray", "np.int64", "np.nonzero", "np.ones")],
     ("runtime/sampling.py", "Sampler.__call__", "np.fromiter"),  # the penalized ids and amounts
     ("runtime/sampling.py", "Sampler.__call__", "np.int64"),
     ("runtime/sampling.py", "Sampler.__call__", "np.float32"),
