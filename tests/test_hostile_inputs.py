@@ -31,12 +31,12 @@ DOWN = "model.layers.0.mlp.down_proj.weight"
 
 
 def hostile_error(result: subprocess.CompletedProcess, *words: str) -> str:
-    """Exit 2, no traceback, at most 2 lines on stderr, the last one the error with `words`."""
+    """Exit 2, no traceback, exactly 2 lines on stderr: the load line, then the error with `words`."""
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert "Traceback" not in err and "panicked at" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 2, err
+    assert len(lines) == 2 and lines[0].startswith("loaded "), err
     assert lines[-1].startswith("error: "), err
     for word in words:
         assert word in lines[-1], err
