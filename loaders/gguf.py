@@ -46,22 +46,8 @@ __all__ = ["GGUFModel", "read_gguf", "convert_gguf_to_hf", "SUPPORTED_ARCHITECTU
 # Architectures
 
 
-@dataclass(frozen=True)
-class _Arch:
-    model_type: str
-    hf_class: str
-    permuted_qk: bool  # llama.cpp's converter reorders q/k rows for this family (see module docstring)
-    qkv_bias: bool     # the HF class always has q/k/v biases, whatever the config says
-
-
-_ARCHS: dict[str, _Arch] = {
-    "llama": _Arch("llama", "LlamaForCausalLM", permuted_qk=True, qkv_bias=False),
-    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", permuted_qk=False, qkv_bias=True),
-}
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
-
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_TENSORS = {
+_LLAMA_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LLAMA_BLOCKS = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -72,6 +58,55 @@ _BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2/3 wrap both sub-blocks in norms; llama.cpp calls the pre-MLP one ffn_norm like Llama's
+_GEMMA_BLOCKS = {
+    **{k: v for k, v in _LLAMA_BLOCKS.items() if k != "ffn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.gate_up_proj",  # gate and up fused, gate first, as in HF
+    "ffn_down": "mlp.down_proj",
+}
+_GPT2_GLOBALS = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+                 "output_norm": "transformer.ln_f", "output": "lm_head"}
+_GPT2_BLOCKS = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+                "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """How llama.cpp's converter wrote one architecture, and what undoes it."""
+
+    model_type: str
+    hf_class: str
+    blocks: dict[str, str]  # GGUF per-layer tensor -> HF module under `layers`
+    globals: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_GLOBALS))
+    layers: str = "model.layers"
+    permuted_qk: bool = False  # q/k rows interleaved per head (see module docstring)
+    qkv_bias: bool = False     # the HF class always has q/k/v biases, whatever the config says
+    norm_shift: bool = False   # Gemma's norms were written as 1 + w
+    conv1d: bool = False       # GPT-2's HF weights are (in, out); the converter transposed them
+
+
+_ARCHS: dict[str, _Arch] = {
+    "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCKS, permuted_qk=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCKS, qkv_bias=True),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCKS, **_QK_NORMS}),
+    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCKS, norm_shift=True),
+    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCKS, **_QK_NORMS}, norm_shift=True),
+    "phi3": _Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCKS),
+    "gpt2": _Arch("gpt2", "GPT2LMHeadModel", _GPT2_BLOCKS, _GPT2_GLOBALS, layers="transformer.h", conv1d=True),
+}
+# Mistral has no architecture of its own in GGUF: llama.cpp's converter writes it as "llama".
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
+
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 # llama.cpp precomputes Llama-3.x RoPE scaling into this tensor instead of writing metadata.
@@ -366,15 +401,21 @@ class _TensorPlan(NamedTuple):
     shape: tuple[int, ...]       # numpy / HF order
     tensor: ReaderTensor
     unpermute_heads: int | None  # head count to undo llama.cpp's q/k row interleave with, if any
+    minus_one: bool = False      # a Gemma norm written as 1 + w
+    transpose: bool = False      # a GPT-2 Conv1D weight, (in, out) in HF
 
 
-def _hf_tensor_name(gguf_name: str) -> str | None:
+# Tensors that hold config rather than weights: folded into config["rope_scaling"] by _build_config.
+_CONFIG_TENSORS = (_ROPE_FREQS, "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _hf_tensor_name(gguf_name: str, arch: _Arch) -> str | None:
     base, _, kind = gguf_name.rpartition(".")
-    if base in _GLOBAL_TENSORS and kind in ("weight", "bias"):
-        return f"{_GLOBAL_TENSORS[base]}.{kind}"
+    if base in arch.globals and kind in ("weight", "bias"):
+        return f"{arch.globals[base]}.{kind}"
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_TENSORS:
-        return f"model.layers.{int(m.group(1))}.{_BLOCK_TENSORS[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in arch.blocks:
+        return f"{arch.layers}.{int(m.group(1))}.{arch.blocks[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -396,51 +437,84 @@ def _dequantize(t: ReaderTensor, shape: tuple[int, ...], reader: GGUFReader) -> 
     return out
 
 
+def _hf_tensor(p: _TensorPlan, reader: GGUFReader) -> np.ndarray:
+    """One tensor dequantized to float32 and put back in HF's layout and convention."""
+    w = _dequantize(p.tensor, p.shape[::-1] if p.transpose else p.shape, reader)
+    if p.unpermute_heads is not None:
+        w = _unpermute_qk(w, p.unpermute_heads)
+    if p.minus_one:
+        w -= 1.0
+    if p.transpose:
+        w = np.ascontiguousarray(w.T)
+    return w
+
+
 def _plan_tensors(reader: GGUFReader, meta: _Meta, arch: _Arch, config: dict[str, Any]) -> list[_TensorPlan]:
     path = meta.path
     plans: list[_TensorPlan] = []
+    heads_of = {"attn_q": config.get("num_attention_heads"), "attn_k": config.get("num_key_value_heads")}
     for t in reader.tensors:
-        if t.name == _ROPE_FREQS:
-            continue  # folded into config["rope_scaling"]
-        hf_name = _hf_tensor_name(t.name)
+        if t.name in _CONFIG_TENSORS:
+            continue
+        hf_name = _hf_tensor_name(t.name, arch)
         if hf_name is None:
             raise ModelError(f"{path}: tensor {_shown(t.name)} has no Hugging Face equivalent in a {arch.model_type!r} model")
         if t.tensor_type not in _SUPPORTED_TYPES:
             raise ModelError(f"{path}: tensor {_shown(t.name)} has unsupported tensor type {t.tensor_type.name}")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        heads = None
-        if arch.permuted_qk and ".attn_q." in t.name:
-            heads = config["num_attention_heads"]
-        elif arch.permuted_qk and ".attn_k." in t.name:
-            heads = config["num_key_value_heads"]
+        m = _BLOCK_RE.fullmatch(t.name)
+        kind = m.group(2) if m else None
+        heads = heads_of.get(kind) if arch.permuted_qk else None
         if heads is not None and shape[0] % (2 * heads) != 0:
             raise ModelError(f"{path}: tensor {_shown(t.name)} has {shape[0]} rows, not a multiple of 2 x {heads} heads")
-        plans.append(_TensorPlan(hf_name, shape, t, heads))
+        minus_one = arch.norm_shift and t.name.endswith("norm.weight")
+        transpose = arch.conv1d and len(shape) == 2 and kind in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+        plans.append(_TensorPlan(hf_name, shape[::-1] if transpose else shape, t, heads, minus_one, transpose))
 
     names = {p.tensor.name for p in plans}
-    required = itertools.chain(["token_embd.weight", "output_norm.weight"], (
-        f"blk.{i}.{k}.weight" for i in range(config["num_hidden_layers"]) for k in _BLOCK_TENSORS))
+    required = itertools.chain([f"{g}.weight" for g in arch.globals if g != "output"], (
+        f"blk.{i}.{k}.weight" for i in range(_layer_count(config)) for k in arch.blocks))
     for name in required:  # a generator: stops at the first gap whatever block_count claims
         if name not in names:
             raise ModelError(f"{path}: missing tensor {name}")
+    dims = _dims(config)
     for p in plans:
-        expected = _expected_shape(p.hf_name, config)
+        expected = _expected_shape(p.hf_name, dims)
         if p.shape != expected:
             raise ModelError(f"{path}: tensor {_shown(p.tensor.name)} has shape {p.shape}, but the metadata implies {expected}")
     return plans
 
 
-def _expected_shape(hf_name: str, c: dict[str, Any]) -> tuple[int, ...]:
+def _layer_count(c: dict[str, Any]) -> int:
+    return c["n_layer"] if c["model_type"] == "gpt2" else c["num_hidden_layers"]
+
+
+def _dims(c: dict[str, Any]) -> dict[str, int]:
+    """The sizes every tensor shape is made of, from either config vocabulary (GPT-2 has its own)."""
+    if c["model_type"] == "gpt2":
+        h = c["n_embd"]
+        return dict(h=h, i=c["n_inner"], v=c["vocab_size"], q=h, kv=h, hd=h // c["n_head"], pos=c["n_positions"])
+    hd = c["head_dim"]
+    return dict(h=c["hidden_size"], i=c["intermediate_size"], v=c["vocab_size"], q=c["num_attention_heads"] * hd,
+                kv=c["num_key_value_heads"] * hd, hd=hd, pos=c["max_position_embeddings"])
+
+
+def _expected_shape(hf_name: str, d: dict[str, int]) -> tuple[int, ...]:
     """The HF shape the config implies, so inconsistent metadata fails here rather than mid-forward."""
-    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    h, i, v, q, kv = d["h"], d["i"], d["v"], d["q"], d["kv"]
     module, kind = hf_name.rsplit(".", 1)
-    module = module.rsplit(".", 1)[-1]
-    weights = {"embed_tokens": (v, h), "lm_head": (v, h), "norm": (h,), "input_layernorm": (h,),
-               "post_attention_layernorm": (h,), "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h),
-               "o_proj": (h, q), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-    shape = weights[module]
-    return shape[:1] if kind == "bias" else shape
+    parent, _, leaf = module.rpartition(".")
+    leaf = f"{parent.rpartition('.')[2]}.{leaf}" if leaf in ("c_proj", "c_attn", "c_fc") else leaf
+    weights = {"embed_tokens": (v, h), "lm_head": (v, h), "wte": (v, h), "wpe": (d["pos"], h),
+               "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "qkv_proj": (q + 2 * kv, h),
+               "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i), "gate_up_proj": (2 * i, h),
+               "q_norm": (d["hd"],), "k_norm": (d["hd"],),
+               # GPT-2's Conv1D: (in, out), and a bias of the output size
+               "attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, i), "mlp.c_proj": (i, h)}
+    shape = weights.get(leaf, (h,))  # the rest are norms over the hidden size
+    if kind == "bias":
+        return shape[-1:] if "." in leaf else shape[:1]
+    return shape
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,9 +585,11 @@ def _build_tokenizer(meta: _Meta, tokenizer_config: dict[str, Any]) -> Tokenizer
             raise ModelError(f"{path}: metadata key 'tokenizer.huggingface.json' is not a tokenizer ({_detail(e)})") from None
 
     kind = meta.get_str("tokenizer.ggml.model")
+    if kind == "llama":
+        return _spm_tokenizer(meta, tokenizer_config)
     if kind != "gpt2":
         raise ModelError(f"{path}: unsupported tokenizer model {_short(kind)} "
-                         "(key 'tokenizer.ggml.model'; supported: 'gpt2')")
+                         "(key 'tokenizer.ggml.model'; supported: 'gpt2', 'llama')")
     pre_name = meta.get_str("tokenizer.ggml.pre", "default")
     pre = _PRE_TOKENIZERS.get(pre_name)
     if pre is None:
@@ -556,11 +632,66 @@ def _build_tokenizer(meta: _Meta, tokenizer_config: dict[str, Any]) -> Tokenizer
     return tok
 
 
-def _post_processor(tok: Tokenizer, tokenizer_config: dict[str, Any]) -> processors.PostProcessor:
+_NORMAL, _BYTE = 1, 6
+
+
+def _spm_tokenizer(meta: _Meta, tokenizer_config: dict[str, Any]) -> Tokenizer:
+    """A SentencePiece-style vocabulary (tokenizer model "llama": Llama 2, Mistral, Gemma, Phi-3).
+
+    llama.cpp tokenizes it by merging the adjacent pair whose union is the highest-scored token,
+    falling back to <0xNN> byte tokens for what no token covers. That is BPE with merges ranked by
+    the merged token's score, which is how HF's own converter rebuilds these vocabularies.
+    """
+    path = meta.path
+    tokens: list[str] = meta.get_list("tokenizer.ggml.tokens", of=str)
+    scores: list[float] = meta.get_list("tokenizer.ggml.scores", [0.0] * len(tokens))
+    types: list[int] = meta.get_list("tokenizer.ggml.token_type", [_NORMAL] * len(tokens), of=int)
+    if not len(tokens) == len(scores) == len(types):
+        raise ModelError(f"{path}: 'tokenizer.ggml.tokens', 'scores' and 'token_type' have different lengths")
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    unk_id = _token_id(meta, "unknown_token_id", len(tokens))
+    unk = tokens[unk_id] if unk_id is not None else None
+    # every way to split a normal token into two tokens is a merge, ranked by the token's score
+    ranked = []
+    for i, (token, score, kind) in enumerate(zip(tokens, scores, types)):
+        if kind != _NORMAL or len(token) < 2 or vocab[token] != i:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(score), i, vocab[left], left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    except Exception as e:
+        raise ModelError(f"{path}: cannot build a SentencePiece-style tokenizer from 'tokenizer.ggml.*' ({_detail(e)})") from None
+    # llama.cpp's default for this tokenizer model is a leading space; Gemma's files turn it off
+    prefix = meta.get_bool("tokenizer.ggml.add_space_prefix", True)
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence([*decode, decoders.Strip(" ", 1, 0)] if prefix else decode)
+    try:
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)])
+        tok.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+        post = _post_processor(tok, tokenizer_config, byte_level=False)
+        if post is not None:
+            tok.post_processor = post
+    except Exception as e:
+        raise ModelError(f"{path}: cannot build the tokenizer from 'tokenizer.ggml.*' ({_detail(e)})") from None
+    return tok
+
+
+def _post_processor(tok: Tokenizer, tokenizer_config: dict[str, Any], byte_level: bool = True) -> processors.PostProcessor | None:
     bos = tokenizer_config.get("bos_token") if tokenizer_config.get("add_bos_token") else None
     eos = tokenizer_config.get("eos_token") if tokenizer_config.get("add_eos_token") else None
     if bos is None and eos is None:
-        return processors.ByteLevel(trim_offsets=False)
+        return processors.ByteLevel(trim_offsets=False) if byte_level else None
     prefix, suffix = ([bos] if bos else []), ([eos] if eos else [])
     single = " ".join([*prefix, "$A:0", *suffix])
     pair = " ".join([*prefix, "$A:0", *suffix, *(f"{t}:1" for t in prefix), "$B:1", *(f"{t}:1" for t in suffix)])
@@ -592,10 +723,7 @@ class GGUFModel:
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, float32 array in HF layout), dequantized one at a time so memory stays at one tensor."""
         for p in self._plans:
-            w = _dequantize(p.tensor, p.shape, self._reader)
-            if p.unpermute_heads is not None:
-                w = _unpermute_qk(w, p.unpermute_heads)
-            yield p.hf_name, w
+            yield p.hf_name, _hf_tensor(p, self._reader)
 
     def tokenizer(self) -> Tokenizer:
         """A fresh `tokenizers.Tokenizer` equivalent to the model's original tokenizer.json."""
@@ -621,11 +749,37 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     config = _build_config(reader, meta, arch_name, arch)
     tokenizer_config, generation_config = _build_tokenizer_configs(meta, config)
     plans = _plan_tensors(reader, meta, arch, config)
-    ModelConfig.from_dict(config, source=f"{path} (metadata as config.json)")  # eps, theta, ... as load() will
+    if arch.model_type != "gpt2":  # GPT-2's own config class checks it when the model loads
+        ModelConfig.from_dict(config, source=f"{path} (metadata as config.json)")  # eps, theta, ... as load() will
     return GGUFModel(path, config, tokenizer_config, generation_config, reader, meta, plans)
 
 
 def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[str, Any]:
+    tensor_names = {t.name for t in reader.tensors}
+    tokens = meta.get_list("tokenizer.ggml.tokens", None, of=str)
+    # HF's vocab_size is the embedding's row count, which can exceed the real token count (Qwen pads it)
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = int(embd.shape[-1]) if embd is not None else meta.get_int(f"{a}.vocab_size", None)
+    if vocab is None:
+        vocab = len(tokens) if tokens is not None else 0  # no embedding: _plan_tensors reports it
+    tied = "output.weight" not in tensor_names
+    if arch.model_type == "gpt2":
+        config = _gpt2_config(meta, a, vocab, tied)
+    else:
+        config = _decoder_config(reader, meta, a, arch, vocab, tied)
+        _ARCH_CONFIG.get(arch.model_type, _bias_flags)(reader, meta, a, config)
+
+    n_vocab = len(tokens) if tokens is not None else vocab
+    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                        ("padding_token_id", "pad_token_id")):
+        value = _token_id(meta, key, n_vocab)
+        if value is not None:
+            config[hf_key] = value
+    return config
+
+
+def _decoder_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch, vocab: int, tied: bool) -> dict[str, Any]:
+    """The keys every Llama-like architecture shares."""
     hidden = meta.get_size(f"{a}.embedding_length")
     heads = meta.get_size(f"{a}.attention.head_count")
     head_dim = meta.get_size(f"{a}.attention.key_length", None)
@@ -635,14 +789,6 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
                              f"does not divide the hidden size {hidden}")
         head_dim = hidden // heads
     theta = meta.get_float(f"{a}.rope.freq_base", 10000.0)  # llama.cpp's default when absent
-    tensor_names = {t.name for t in reader.tensors}
-    tokens = meta.get_list("tokenizer.ggml.tokens", None, of=str)
-    # HF's vocab_size is the embedding's row count, which can exceed the real token count (Qwen pads it)
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = int(embd.shape[-1]) if embd is not None else meta.get_int(f"{a}.vocab_size", None)
-    if vocab is None:
-        vocab = len(tokens) if tokens is not None else 0  # no embedding: _plan_tensors reports it
-
     config: dict[str, Any] = {
         "architectures": [arch.hf_class],
         "model_type": arch.model_type,
@@ -657,15 +803,10 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
         "rope_theta": theta,
         "max_position_embeddings": meta.get_size(f"{a}.context_length"),
         "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "tie_word_embeddings": tied,
         "torch_dtype": "float32",
         "use_cache": True,
     }
-    if not arch.qkv_bias:
-        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-        config["mlp_bias"] = False
-    else:
-        config["use_sliding_window"] = False
     kv_heads = config["num_key_value_heads"]
     if heads % kv_heads:
         raise ModelError(f"{meta.path}: '{a}.attention.head_count_kv' = {kv_heads} does not divide {heads} heads")
@@ -676,14 +817,99 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
         scaling = _llama3_rope_scaling(np.asarray(freqs.data, dtype=np.float64).reshape(-1), head_dim, theta, meta.path)
     if scaling is not None:
         config["rope_scaling"] = scaling
-
-    n_vocab = len(tokens) if tokens is not None else vocab
-    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                        ("padding_token_id", "pad_token_id")):
-        value = _token_id(meta, key, n_vocab)
-        if value is not None:
-            config[hf_key] = value
     return config
+
+
+def _bias_flags(reader: GGUFReader, meta: _Meta, a: str, config: dict[str, Any]) -> None:
+    # Llama and Qwen3 have biases only where the checkpoint has them
+    config["attention_bias"] = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
+    config["mlp_bias"] = False
+
+
+def _qwen2_config(reader: GGUFReader, meta: _Meta, a: str, config: dict[str, Any]) -> None:
+    config["use_sliding_window"] = False  # llama.cpp runs Qwen2 with full attention on every layer
+
+
+def _phi3_config(reader: GGUFReader, meta: _Meta, a: str, config: dict[str, Any]) -> None:
+    head_dim = config["head_dim"]
+    rotary = meta.get_size(f"{a}.rope.dimension_count", head_dim)
+    config["partial_rotary_factor"] = rotary / head_dim
+    original = meta.get_size(f"{a}.rope.scaling.original_context_length", None)
+    if original is not None:
+        config["original_max_position_embeddings"] = original
+    config["sliding_window"] = meta.get_int(f"{a}.attention.sliding_window", 0) or None  # 0: none (Phi-4)
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+    if factors:  # LongRoPE (the 128k models): per-frequency divisors, short and long
+        def read(name: str) -> list[float]:
+            t = factors.get(f"rope_factors_{name}.weight")
+            if t is None:
+                raise ModelError(f"{meta.path}: missing tensor rope_factors_{name}.weight (LongRoPE needs both)")
+            return [float(x) for x in np.asarray(t.data, dtype=np.float64).reshape(-1)]
+
+        config["rope_scaling"] = {"rope_type": "longrope", "short_factor": read("short"), "long_factor": read("long")}
+
+
+# llama.cpp's Gemma constants where the file is silent (src/models/gemma2.cpp, gemma3.cpp):
+# Gemma 2 slides every other layer (window 4096), Gemma 3 five of every six; both scale queries
+# by 1/sqrt(head_dim), except the 27B models (told apart by layer count) by 1/sqrt(hidden / heads).
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def _gemma_config(reader: GGUFReader, meta: _Meta, a: str, config: dict[str, Any]) -> None:
+    kind, layers = config["model_type"], config["num_hidden_layers"]
+    config["hidden_act"] = config["hidden_activation"] = "gelu_pytorch_tanh"
+    big = layers == _GEMMA_27B_LAYERS[kind]
+    config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"]
+    gemma2 = kind == "gemma2"
+    config["attn_logit_softcapping"] = meta.get_float(f"{a}.attn_logit_softcapping", 50.0) if gemma2 else None
+    config["final_logit_softcapping"] = meta.get_float(f"{a}.final_logit_softcapping", 30.0 if gemma2 else None)
+    window = meta.get_int(f"{a}.attention.sliding_window", 4096 if gemma2 else 0)
+    pattern = meta.raw(f"{a}.attention.sliding_window_pattern", _GEMMA_PATTERN[kind])
+    if not window:
+        types = ["full_attention"] * layers
+    elif isinstance(pattern, list):  # one flag per layer: true where the layer slides
+        if len(pattern) != layers or not all(isinstance(p, bool) for p in pattern):
+            raise ModelError(f"{meta.path}: metadata key '{a}.attention.sliding_window_pattern' should hold "
+                             f"{layers} booleans")
+        types = ["sliding_attention" if p else "full_attention" for p in pattern]
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 1:
+        types = ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(layers)]
+    else:
+        raise ModelError(f"{meta.path}: metadata key '{a}.attention.sliding_window_pattern' should be a positive "
+                         f"integer or a list of booleans, got {_short(pattern)}")
+    config["sliding_window"] = window or None
+    config["layer_types"] = types
+    if not gemma2:
+        config["rope_local_base_freq"] = meta.get_float(f"{a}.rope.freq_base_swa", 10000.0)
+
+
+_ARCH_CONFIG: dict[str, Callable[[GGUFReader, _Meta, str, dict[str, Any]], None]] = {
+    "qwen2": _qwen2_config, "phi3": _phi3_config, "gemma2": _gemma_config, "gemma3_text": _gemma_config}
+
+
+def _gpt2_config(meta: _Meta, a: str, vocab: int, tied: bool) -> dict[str, Any]:
+    """GPT-2 keeps its own config.json vocabulary (n_embd, n_layer, ...)."""
+    heads, hidden = meta.get_size(f"{a}.attention.head_count"), meta.get_size(f"{a}.embedding_length")
+    if hidden % heads:
+        raise ModelError(f"{meta.path}: '{a}.attention.head_count' = {heads} does not divide the hidden size {hidden}")
+    positions = meta.get_size(f"{a}.context_length")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": hidden,
+        "n_layer": meta.get_size(f"{a}.block_count", limit=MAX_LAYERS),
+        "n_head": heads,
+        "n_inner": meta.get_size(f"{a}.feed_forward_length"),
+        "n_positions": positions,
+        "n_ctx": positions,
+        "layer_norm_epsilon": meta.get_float(f"{a}.attention.layer_norm_epsilon"),
+        "activation_function": "gelu_new",  # llama.cpp's GPT-2 uses the tanh approximation
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
 
 
 def _build_tokenizer_configs(meta: _Meta, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -700,9 +926,10 @@ def _build_tokenizer_configs(meta: _Meta, config: dict[str, Any]) -> tuple[dict[
         "eos_token": token("eos_token_id"),
         "pad_token": token("padding_token_id"),
         "unk_token": token("unknown_token_id"),
-        "add_bos_token": meta.get_bool("tokenizer.ggml.add_bos_token", False),
+        # llama.cpp's default: a BOS for SentencePiece-style vocabularies, none for GPT-2-style ones
+        "add_bos_token": meta.get_bool("tokenizer.ggml.add_bos_token", meta.raw("tokenizer.ggml.model", None) == "llama"),
         "add_eos_token": meta.get_bool("tokenizer.ggml.add_eos_token", False),
-        "model_max_length": config["max_position_embeddings"],
+        "model_max_length": _dims(config)["pos"],
         "clean_up_tokenization_spaces": False,
     }
     template = meta.get_str("tokenizer.chat_template", None)

