@@ -130,16 +130,35 @@ def converter() -> Path:
     return script
 
 
-def convert(hf_dir: Path, outtype: str, out: Path) -> Path:
-    """Run llama.cpp's converter on an HF folder; its own gguf-py, as a user of the sdist would."""
-    if out.is_file():
-        return out
-    tmp = out.with_suffix(".partial")
-    result = subprocess.run([sys.executable, str(converter()), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)],
+# Runs the converter script once per job inside one interpreter: torch and transformers are
+# imported once instead of once per file (most of each run's time on models this small).
+_RUN_MANY = """
+import os, runpy, sys
+script, jobs = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, os.path.dirname(script))  # as `python script` would
+for i in range(0, len(jobs), 3):
+    sys.argv = [script, jobs[i], "--outtype", jobs[i + 1], "--outfile", jobs[i + 2]]
+    runpy.run_path(script, run_name="__main__")
+"""
+
+
+def convert_many(jobs: list[tuple[Path, str, Path]]) -> None:
+    """Run llama.cpp's converter, unmodified, on each (HF folder, --outtype, output path) not yet made."""
+    jobs = [job for job in jobs if not job[2].is_file()]
+    if not jobs:
+        return
+    args = [str(a) for hf_dir, outtype, out in jobs for a in (hf_dir, outtype, out.with_suffix(".partial"))]
+    result = subprocess.run([sys.executable, "-c", _RUN_MANY, str(converter()), *args],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf.py failed on {hf_dir.name} ({outtype}):\n{result.stderr[-3000:]}")
-    tmp.rename(out)
+        names = ", ".join(f"{h.name} ({t})" for h, t, _ in jobs)
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on one of {names}:\n{result.stderr[-3000:]}")
+    for _, _, out in jobs:
+        out.with_suffix(".partial").rename(out)
+
+
+def convert(hf_dir: Path, outtype: str, out: Path) -> Path:
+    convert_many([(hf_dir, outtype, out)])
     return out
 
 
@@ -232,11 +251,29 @@ def tiny_hf(name: str) -> Path:
     return folder
 
 
+def _converted_path(name: str, outtype: str) -> Path:
+    return root() / "gguf" / f"{_folder_name(name)}-{outtype}.gguf"
+
+
 def gguf_file(name: str, outtype: str) -> Path:
     """The converter's GGUF of tiny model `name` in `outtype`."""
-    out = root() / "gguf" / f"{_folder_name(name)}-{outtype}.gguf"
+    out = _converted_path(name, outtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     return convert(tiny_hf(name), outtype, out)
+
+
+def build_all() -> None:
+    """Every fixture the tests use, the converter's in one run: what a fresh machine does first."""
+    jobs = [(tiny_hf(name), t.lower(), _converted_path(name, t.lower()))
+            for name in TINY for t in ARCH_TYPES if t.lower() in CONVERTER_TYPES]
+    jobs += [(tiny_hf("gemma3"), t, _converted_path("gemma3", t)) for t in CONVERTER_TYPES]
+    _converted_path("gemma3", "f32").parent.mkdir(parents=True, exist_ok=True)
+    convert_many(list(dict.fromkeys(jobs)))
+    for name in TINY:
+        for t in ARCH_TYPES:
+            gguf_of(name, t)
+    for t in dequantizable_types():
+        gguf_of("gemma3", t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,8 +352,5 @@ def gguf_of(name: str, type_name: str) -> Path:
 
 
 if __name__ == "__main__":
-    for arch in TINY:
-        for kind in ARCH_TYPES:
-            print(gguf_of(arch, kind))
-    for kind in dequantizable_types():
-        print(gguf_of("gemma3", kind))
+    build_all()
+    print(root() / "gguf")

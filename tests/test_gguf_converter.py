@@ -26,6 +26,11 @@ TOLERANCE = 1e-4
 SEQ = 48
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fixtures() -> None:
+    fx.build_all()  # made once per machine and cached; a fresh one converts them all in one go
+
+
 def transformers_gguf_model(path: Path, monkeypatch: pytest.MonkeyPatch):
     """The model transformers' GGUF loader builds from `path`: its config, its tensor renames."""
     from transformers import AutoConfig, AutoModelForCausalLM
