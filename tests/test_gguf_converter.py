@@ -147,7 +147,8 @@ def test_sentencepiece_vocabulary_tokenizes_as_sentencepiece(name: str) -> None:
 # transformers' differences, each shown against sentencepiece: for a Llama-2-style vocabulary (the
 # leading space added) it builds the Metaspace pre-tokenizer, which folds a text's own leading
 # spaces into the added one ("  two" -> "▁▁two"), while sentencepiece and llama.cpp (which adds a
-# space, then maps every space to ▁) keep them all ("▁▁▁two").
+# space, then maps every space to ▁) keep them all ("▁▁▁two"); llama.cpp's own llama-tokenize agrees
+# with us on every string here (benchmarks/llama_cpp_tokenizer_check.py).
 TRANSFORMERS_DIFFERS = {"qwen2": {"  two leading spaces, three trailing   ", " "}}
 
 
