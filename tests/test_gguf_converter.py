@@ -31,29 +31,39 @@ def fixtures() -> None:
     fx.build_all()  # made once per machine and cached; a fresh one converts them all in one go
 
 
-def transformers_gguf_model(path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The model transformers' GGUF loader builds from `path`: its config, its tensor renames."""
+def transformers_gguf_model(path: Path, name: str, monkeypatch: pytest.MonkeyPatch):
+    """The model transformers' GGUF loader builds from `path`: its config, its tensors and renames.
+
+    The loader maps GGUF tensor names onto the names of a model it is handed (`model_to_load`);
+    the tiny original's skeleton serves for that, so the file is parsed once. The model returned is
+    built from the config transformers read from the file.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     # from_pretrained(gguf_file=...) wants accelerate (absent here); this is the loader it calls.
-    # Its name-map builder recomputes one pure table per tensor, so memoize it; and it parses the
-    # file twice (config, then tensors) with gguf-py's reader, seconds each for a 49k vocabulary:
-    # parse once, with the reader subclass whose only change is reading through a plain ndarray
-    # view of the same memory map instead of np.memmap slices.
+    # Its name-map builder recomputes one pure table per tensor, so memoize it; and parse with the
+    # reader subclass whose only change is reading through a plain ndarray view of the same memory
+    # map instead of np.memmap slices (seconds on a 49k vocabulary).
     monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
-    monkeypatch.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(_CheckedReader))
-    config = dict(load_gguf_checkpoint(str(path))["config"])
-    if config["model_type"] == "gpt2" and "n_ctx" in config:
-        # transformers maps gpt2.context_length to n_ctx only, while its GPT2 sizes the position
-        # table by n_positions (default 1024): its own GGUF files would not load without this
-        config["n_positions"] = config["n_ctx"]
+    monkeypatch.setattr(gguf, "GGUFReader", _CheckedReader)
     with no_init_weights():  # every weight is overwritten below
+        original = AutoConfig.from_pretrained(fx.tiny_hf(name)).to_dict()
+        if original["model_type"] == "mistral":  # written as a llama file, so named as a Llama
+            original = {k: v for k, v in original.items() if k not in ("model_type", "architectures")}
+            names = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **original))
+        else:
+            names = getattr(transformers, fx.TINY[name].model_class)(AutoConfig.from_pretrained(fx.tiny_hf(name)))
+        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=names)
+        config = dict(parsed["config"])
+        if config["model_type"] == "gpt2" and "n_ctx" in config:
+            # transformers maps gpt2.context_length to n_ctx only, while its GPT2 sizes the position
+            # table by n_positions (default 1024): its own GGUF files would not load without this
+            config["n_positions"] = config["n_ctx"]
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
                                                  dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(parsed["tensors"], strict=False)
     assert unexpected == [] and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     if missing:
         model.tie_weights()
@@ -73,7 +83,7 @@ def _ours(path: Path, tmp_path: Path):
 def test_every_architecture_runs_as_transformers_reads_it(name: str, qtype: str, tmp_path: Path, monkeypatch) -> None:
     path = fx.gguf_of(name, qtype)
     net, spec = _ours(path, tmp_path)
-    ref = transformers_gguf_model(path, monkeypatch)
+    ref = transformers_gguf_model(path, name, monkeypatch)
     ids = _ids(ref.config.vocab_size)
     ours = prefill_logits(net, spec, ids)
     assert ours.dtype == np.float32
@@ -101,7 +111,7 @@ def test_every_tensor_type_gguf_py_reads(qtype: str, tmp_path: Path, monkeypatch
             expected = expected - 1.0  # Gemma's norms are written as 1 + w
         assert weight.dtype == np.float32 and np.array_equal(weight.reshape(expected.shape), expected), name
     net, spec = _ours(path, tmp_path)
-    ref = transformers_gguf_model(path, monkeypatch)
+    ref = transformers_gguf_model(path, "gemma3", monkeypatch)
     ids = _ids(ref.config.vocab_size)
     expected = hf_logits(ref, ids)
     assert np.isfinite(expected).all()
