@@ -55,6 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--only-dry", default="", help="comma-separated DRY multipliers to try alone, e.g. 1.5,2")
+    parser.add_argument("--seed-offset", type=int, default=0, help="seeds are offset + the message's index")
+    parser.add_argument("--show", action="store_true", help="print each looping reply")
+    parser.add_argument("--dry-last-n", type=int, default=64,
+                        help="with --only-dry: tokens DRY scans (-1: the whole conversation)")
     args = parser.parse_args()
     import runtime
     from runtime.chat import CHAT_DRY_MULTIPLIER, CONVERSATION_DEFAULTS, ChatSession
@@ -67,16 +71,19 @@ def main() -> None:
         f"that sampling + DRY {CHAT_DRY_MULTIPLIER}": dict(CONVERSATION_DEFAULTS, dry=dry),
     }
     if args.only_dry:
-        configs = {f"that sampling + DRY {m}": dict(CONVERSATION_DEFAULTS, dry=dict(dry, dry_multiplier=float(m)))
+        configs = {f"that sampling + DRY {m}, last {args.dry_last_n}": dict(
+            CONVERSATION_DEFAULTS, dry=dict(dry, dry_multiplier=float(m), dry_penalty_last_n=args.dry_last_n))
                    for m in args.only_dry.split(",")}
     print("| decoding | replies that loop (of 20) | tokens generated | seconds |\n|---|---|---|---|")
     for name, sampling in configs.items():
         looping, tokens, start = 0, 0, time.perf_counter()
         for seed, message in enumerate(MESSAGES):
-            params = dict(sampling, seed=seed) if sampling else {}
+            params = dict(sampling, seed=args.seed_offset + seed) if sampling else {}
             session = ChatSession(model, sampling=params, max_tokens=args.max_tokens)
             reply = "".join(session.send(message))
             looping += loops(reply)
+            if args.show and loops(reply):
+                print(f"--- {message!r} (seed {args.seed_offset + seed}):\n{reply}\n---", flush=True)
             tokens += session.last.generated_tokens
         print(f"| {name} | {looping} | {tokens} | {time.perf_counter() - start:.0f} |", flush=True)
 
