@@ -874,7 +874,8 @@ def _phi3_config(reader: GGUFReader, meta: _Meta, a: str, config: dict[str, Any]
             t = factors.get(f"rope_factors_{name}.weight")
             if t is None:
                 raise ModelError(f"{meta.path}: missing tensor rope_factors_{name}.weight (LongRoPE needs both)")
-            return [float(x) for x in np.asarray(t.data, dtype=np.float64).reshape(-1)]
+            # stored as float32: keep the short decimals config.json had (1.1, not 1.100000023841858)
+            return [float(str(x)) for x in np.asarray(t.data, dtype=np.float32).reshape(-1)]
 
         config["rope_scaling"] = {"rope_type": "longrope", "short_factor": read("short"), "long_factor": read("long")}
 

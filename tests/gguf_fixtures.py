@@ -61,6 +61,12 @@ TINY: dict[str, Tiny] = {
     # the converter reads Phi-3's tokenizer as SentencePiece unless tokenizer_config says GPT-2 (Phi-4)
     "phi3": Tiny("Phi3Config", "Phi3ForCausalLM", dict(BPE_SIZES, pad_token_id=0, tie_word_embeddings=False),
                  tokenizer_config={"tokenizer_class": "GPT2Tokenizer"}),
+    # Phi-3's 128k models: LongRoPE factors, which the converter writes as two tensors
+    "phi3-longrope": Tiny("Phi3Config", "Phi3ForCausalLM",
+                          dict(BPE_SIZES, pad_token_id=0, tie_word_embeddings=False, original_max_position_embeddings=64,
+                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                             "long_factor": [1.5 + 0.2 * i for i in range(8)]}),
+                          tokenizer_config={"tokenizer_class": "GPT2Tokenizer"}),
     "gpt2": Tiny("GPT2Config", "GPT2LMHeadModel",
                  dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_ctx=512, n_inner=None, layer_norm_epsilon=1e-5,
                       activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
@@ -79,6 +85,10 @@ TINY: dict[str, Tiny] = {
                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
                    tokenizer="spm"),
 }
+# Gemma 3 4B and up: linear RoPE scaling (factor 8) on the global layers only
+TINY["gemma3-scaled"] = Tiny("Gemma3TextConfig", "Gemma3ForCausalLM",
+                             dict(TINY["gemma3"].config, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+                             tokenizer="spm")
 
 SPM_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
 SPM_VOCAB = 512
