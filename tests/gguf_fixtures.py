@@ -13,6 +13,7 @@ converter wants a SentencePiece model, so one is trained here on a small text wi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -26,12 +27,15 @@ from typing import Any
 
 LLAMA_CPP_PYTHON = "0.3.36"
 CACHE = Path(os.environ.get("NPRT_TEST_CACHE", Path.home() / ".cache" / "nprt" / "test-gguf"))
-CONVERTER_TYPES = ("f32", "bf16", "q8_0")  # --outtype values; the quantized K types need llama-quantize (C++)
-# what every architecture is tested in: float, the converter's quantized type, and a 4-bit type
-# gguf-py quantizes (K types need inner sizes of 256, larger than the BPE models' 64)
-ARCH_TYPES = ("F32", "Q8_0", "Q4_0")
+# --outtype values: the converter's own quantized types are Q8_0 and the ternary TQ1_0/TQ2_0
+# (which it applies to matrices whose inner size is a multiple of 256, and keeps the embedding in
+# F16); the K and IQ types come from llama-quantize (C++) and are made below with gguf-py instead
+CONVERTER_TYPES = ("f32", "bf16", "q8_0", "tq2_0")
+# what every architecture is tested in: float and the converter's two quantized types
+ARCH_TYPES = ("F32", "Q8_0", "TQ2_0")
 
-BPE_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+# 256 wide, so that every matrix takes 256-element blocks (TQ2_0 here, the K types in general)
+BPE_SIZES = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
 
@@ -51,7 +55,7 @@ TINY: dict[str, Tiny] = {
     "llama-untied": Tiny("LlamaConfig", "LlamaForCausalLM", dict(BPE_SIZES, tie_word_embeddings=False)),
     # written as arch "llama": llama.cpp drops Mistral's sliding window, so the window is kept out of
     # the reference too (it is longer than every test input)
-    "mistral": Tiny("MistralConfig", "MistralForCausalLM", dict(BPE_SIZES, head_dim=32, sliding_window=None)),
+    "mistral": Tiny("MistralConfig", "MistralForCausalLM", dict(BPE_SIZES, head_dim=128, sliding_window=None)),
     # transformers 5 forces its Qwen2Tokenizer (its own pre-tokenizer) on model_type qwen2 whatever
     # tokenizer.json says, and the converter does not know that tokenizer on this vocabulary; the
     # converter's Qwen2 takes a SentencePiece model first, so this one gets that instead
@@ -64,11 +68,11 @@ TINY: dict[str, Tiny] = {
     # Phi-3's 128k models: LongRoPE factors, which the converter writes as two tensors
     "phi3-longrope": Tiny("Phi3Config", "Phi3ForCausalLM",
                           dict(BPE_SIZES, pad_token_id=0, tie_word_embeddings=False, original_max_position_embeddings=64,
-                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                                             "long_factor": [1.5 + 0.2 * i for i in range(8)]}),
+                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(32)],
+                                             "long_factor": [1.5 + 0.1 * i for i in range(32)]}),
                           tokenizer_config={"tokenizer_class": "GPT2Tokenizer"}),
     "gpt2": Tiny("GPT2Config", "GPT2LMHeadModel",
-                 dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_ctx=512, n_inner=None, layer_norm_epsilon=1e-5,
+                 dict(n_embd=256, n_layer=2, n_head=4, n_positions=512, n_ctx=512, n_inner=None, layer_norm_epsilon=1e-5,
                       activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
     # head_dim 256: llama.cpp scales queries by 1/sqrt(head_dim) and transformers' GGUF loader by
     # its config's default query_pre_attn_scalar (256); the two agree only there
@@ -250,7 +254,8 @@ def tiny_hf(name: str) -> Path:
         _bpe_tokenizer(tmp, spec.tokenizer_config)
         vocab = 49152
     torch.manual_seed(0)
-    config = getattr(transformers, spec.config_class)(vocab_size=vocab, **spec.config)
+    # a copy: transformers fills rope_scaling in place, which would change this model's cache name
+    config = getattr(transformers, spec.config_class)(vocab_size=vocab, **copy.deepcopy(spec.config))
     model = getattr(transformers, spec.model_class)(config).eval()
     with torch.no_grad():  # the default init leaves norms at 1 and biases at 0; move them off to test their mapping
         for pname, p in model.named_parameters():

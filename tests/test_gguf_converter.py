@@ -120,7 +120,8 @@ def test_every_tensor_type_gguf_py_reads(qtype: str, tmp_path: Path, monkeypatch
     plans = {p.hf_name: p for p in model._plans}
     for name, weight in model.tensors():  # our HF tensors are the gguf-py dequantization, moved back
         t = raw[plans[name].tensor.name]
-        assert t.tensor_type.name == (qtype if t.data.ndim > 1 and len(t.shape) == 2 else t.tensor_type.name)
+        if len(t.shape) == 2:  # every matrix in the type asked for; the converter keeps TQ's embedding F16
+            assert t.tensor_type.name in (qtype, "F16" if qtype.startswith("TQ") else qtype), (name, t.tensor_type)
         expected = gguf.dequantize(t.data, t.tensor_type).astype(np.float32)
         if name.endswith("norm.weight"):
             expected = expected - 1.0  # Gemma's norms are written as 1 + w
