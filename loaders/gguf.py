@@ -6,12 +6,16 @@ that vocabulary rather than taught to every model file. `read_gguf` parses the h
 stay memory-mapped and are dequantized one at a time on demand); `convert_gguf_to_hf` writes a
 regular HF folder that the safetensors loader, and transformers itself, can open.
 
-Three llama.cpp conventions have to be undone:
+What llama.cpp's converter does has to be undone:
 - tensor shapes are stored innermost-first (ggml `ne` order); numpy's reversed order is HF's layout;
-- for the llama family, llama.cpp's converter interleaves the rows of each q/k head so that rotary
-  pairs are adjacent (Meta's original layout); HF pairs dimension i with i + head_dim/2 instead;
-- the tokenizer exists only as vocab/merges/token-type arrays plus a `pre` name standing for the
-  pre-tokenizer regex, so the `tokenizer.json` it came from is rebuilt from those.
+- for the llama family it interleaves the rows of each q/k head so that rotary pairs are adjacent
+  (Meta's original layout); HF pairs dimension i with i + head_dim/2 instead;
+- per architecture (`_ARCHS`): its own tensor names, Gemma's norms stored as 1 + w, GPT-2's Conv1D
+  weights transposed, metadata keys that become config.json keys (`_ARCH_CONFIG`), and where the
+  file is silent, llama.cpp's own defaults for that architecture;
+- the tokenizer exists only as vocab/merges/scores/token-type arrays plus a `pre` name standing
+  for the pre-tokenizer regex, so the `tokenizer.json` it came from is rebuilt from those (BPE
+  for "gpt2" vocabularies, score-ranked BPE with byte fallback for SentencePiece-style "llama" ones).
 """
 
 from __future__ import annotations
