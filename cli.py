@@ -78,7 +78,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, chat: bool = 
     p.add_argument("--top-k", type=non_negative_int, default=default(0), help=f"0 = off ({where})")
     p.add_argument("--top-p", type=top_p, default=default(1.0), help=f"1 = off ({where})")
     p.add_argument("--min-p", type=min_p, default=default(0.0), help=f"0 = off ({where})")
-    p.add_argument("--repeat-penalty", type=penalty, default=1.0)
+    p.add_argument("--repeat-penalty", type=penalty, default=default(1.0),
+                   help=f"llama.cpp's repeat penalty over the last 64 tokens; 1 = off ({where})")
     p.add_argument("--dry-multiplier", type=dry_multiplier, default=default(0.0),
                    help=f"DRY (llama.cpp's): penalty of a token that extends a repetition; 0 = off ({where})")
     p.add_argument("--dry-base", type=dry_base, default=1.75, help="DRY: growth per repeated token (default 1.75)")
@@ -194,7 +195,7 @@ def chat_sampling(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from runtime.chat import conversation_sampling  # noqa: PLC0415
 
     defaults = conversation_sampling(model.generation_config)
-    for name in ("temperature", "top_k", "top_p", "min_p", "dry_multiplier"):
+    for name in ("temperature", "top_k", "top_p", "min_p", "dry_multiplier", "repeat_penalty"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
     if args.seed is None:
@@ -207,6 +208,8 @@ def chat_sampling(model: Any, args: argparse.Namespace) -> dict[str, Any]:
                      f"min-p {args.min_p:g}")
     if chosen["dry"]:
         described += f", DRY {args.dry_multiplier:g} (base {args.dry_base:g}, allowed {args.dry_allowed_length})"
+    if args.repeat_penalty != 1.0:
+        described += f", repeat penalty {args.repeat_penalty:g}"
     log(f"sampling: {described} ({defaults['source']}); seed {args.seed} (--seed {args.seed} replays it)")
     return chosen
 

@@ -1,6 +1,7 @@
 """How often the chat's first reply loops: 20 varied first messages on the default model, each
 answered with up to the chat's 512 tokens, under greedy decoding (the chat's old default),
-llama.cpp's conversation sampling, and that sampling with DRY. A reply loops when some span
+llama.cpp's conversation sampling, that sampling with DRY, and with DRY and llama.cpp's repeat
+penalty (the chat's default). A reply loops when some span
 of 40 characters occurs in it three times or more.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/chat_loops.py [--max-tokens 512]
@@ -57,11 +58,12 @@ def main() -> None:
     parser.add_argument("--only-dry", default="", help="comma-separated DRY multipliers to try alone, e.g. 1.5,2")
     parser.add_argument("--seed-offset", type=int, default=0, help="seeds are offset + the message's index")
     parser.add_argument("--show", action="store_true", help="print each looping reply")
+    parser.add_argument("--repeat-penalty", type=float, default=1.0, help="with --only-dry: llama.cpp's repeat penalty")
     parser.add_argument("--dry-last-n", type=int, default=64,
                         help="with --only-dry: tokens DRY scans (-1: the whole conversation)")
     args = parser.parse_args()
     import runtime
-    from runtime.chat import CHAT_DRY_MULTIPLIER, CONVERSATION_DEFAULTS, ChatSession
+    from runtime.chat import CHAT_DRY_MULTIPLIER, CHAT_REPEAT_PENALTY, CONVERSATION_DEFAULTS, ChatSession
 
     model = runtime.load(progress=False)
     dry = dict(dry_multiplier=CHAT_DRY_MULTIPLIER, dry_base=1.75, dry_allowed_length=2, dry_penalty_last_n=64)
@@ -69,10 +71,13 @@ def main() -> None:
         "greedy (the old chat default)": {},
         "llama.cpp conversation sampling": dict(CONVERSATION_DEFAULTS),
         f"that sampling + DRY {CHAT_DRY_MULTIPLIER}": dict(CONVERSATION_DEFAULTS, dry=dry),
+        f"+ repeat penalty {CHAT_REPEAT_PENALTY} (the chat's default)": dict(
+            CONVERSATION_DEFAULTS, dry=dry, repeat_penalty=CHAT_REPEAT_PENALTY),
     }
     if args.only_dry:
-        configs = {f"that sampling + DRY {m}, last {args.dry_last_n}": dict(
-            CONVERSATION_DEFAULTS, dry=dict(dry, dry_multiplier=float(m), dry_penalty_last_n=args.dry_last_n))
+        configs = {f"that sampling + DRY {m}, last {args.dry_last_n}, repeat penalty {args.repeat_penalty}": dict(
+            CONVERSATION_DEFAULTS, repeat_penalty=args.repeat_penalty,
+            dry=dict(dry, dry_multiplier=float(m), dry_penalty_last_n=args.dry_last_n))
                    for m in args.only_dry.split(",")}
     print("| decoding | replies that loop (of 20) | tokens generated | seconds |\n|---|---|---|---|")
     for name, sampling in configs.items():

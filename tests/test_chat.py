@@ -234,6 +234,10 @@ def test_conversation_sampling_follows_generation_config_else_llama_cpp():
     asked = conversation_sampling({"do_sample": True, "temperature": 0.6, "top_p": 0.9})
     assert (asked["temperature"], asked["top_k"], asked["top_p"], asked["min_p"]) == (0.6, 50, 0.9, 0.0)
     assert conversation_sampling({"do_sample": False, "temperature": 0.6})["temperature"] == 0.0
+    # DRY and llama.cpp's repeat penalty on by default; a generation_config's repetition_penalty is taken
+    assert (default["dry_multiplier"], default["repeat_penalty"]) == (0.8, 1.1)
+    assert (asked["dry_multiplier"], asked["repeat_penalty"]) == (0.0, 1.0)
+    assert conversation_sampling({"do_sample": True, "repetition_penalty": 1.3})["repeat_penalty"] == 1.3
 
 
 def test_chat_banner_names_the_sampling_and_a_seed_that_replays():
@@ -247,7 +251,7 @@ def test_chat_banner_names_the_sampling_and_a_seed_that_replays():
         return result.stdout.decode(), result.stderr.decode()
 
     out, err = chat()
-    assert "sampling: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05" in err
+    assert "sampling: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, DRY 0.8 (base 1.75, allowed 2), repeat penalty 1.1" in err
     seed = re.search(r"seed (\d+) \(--seed \1 replays it\)", err).group(1)
     assert chat("--seed", seed)[0] == out
     assert "sampling: greedy" in chat("--temperature", "0")[1]
