@@ -94,14 +94,13 @@ class _Arch:
     globals: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_GLOBALS))
     layers: str = "model.layers"
     permuted_qk: bool = False  # q/k rows interleaved per head (see module docstring)
-    qkv_bias: bool = False     # the HF class always has q/k/v biases, whatever the config says
     norm_shift: bool = False   # Gemma's norms were written as 1 + w
     conv1d: bool = False       # GPT-2's HF weights are (in, out); the converter transposed them
 
 
 _ARCHS: dict[str, _Arch] = {
     "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCKS, permuted_qk=True),
-    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCKS, qkv_bias=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCKS),  # its HF class always has q/k/v biases
     "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCKS, **_QK_NORMS}),
     "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCKS, norm_shift=True),
     "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCKS, **_QK_NORMS}, norm_shift=True),
@@ -642,7 +641,7 @@ def _build_tokenizer(meta: _Meta, tokenizer_config: dict[str, Any]) -> Tokenizer
     return tok
 
 
-_NORMAL, _BYTE = 1, 6
+_NORMAL = 1  # gguf.TokenType
 
 
 def _spm_tokenizer(meta: _Meta, tokenizer_config: dict[str, Any]) -> Tokenizer:
