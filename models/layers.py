@@ -22,8 +22,6 @@ Array = Any  # numpy.ndarray or cupy.ndarray
 # 1 MiB of float32, a scratch block that stays in cache instead of a full float32
 # copy of the matrix per token.
 _WIDEN_BLOCK = 256 * 1024
-# Rows up to which a matrix stored (out, in) is multiplied as w @ x.T (see linear).
-SMALL_BATCH = 32
 
 
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
@@ -35,14 +33,10 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
     """
     if weight.dtype != x.dtype:
         y = _widening_matmul(x, weight)
-    elif 1 < x.shape[0] <= SMALL_BATCH and weight.shape[0] <= 16 * weight.shape[1] and \
-            _xp(x).__name__ == "numpy":
-        # A few rows (a decode batch): OpenBLAS runs w @ x.T faster than x @ w.T for
-        # the layer matrices, in either memory order (the default model's 30 layers at
-        # 8 rows, weights streamed: 42.5 against 51.5 ms, down_proj 8.8 against 14.1),
-        # but slower for a vocabulary-tall lm_head (17.4 against 9.9 ms)
-        y = (weight @ x.T).T
     else:
+        # a decode batch too: x @ w.T measured faster than (w @ x.T).T for the layer
+        # matrices in the engine (8 rows: 57.7 against 65.4 ms a step), whose
+        # tall weights are laid out (in, out) (Backend.matrix_order)
         y = x @ weight.T
     if bias is not None:
         y += bias
