@@ -347,10 +347,11 @@ class KVCache:
     def read_slots(self, layer: int, slots: Any, values: bool) -> Any:
         """A layer's keys (or values) at `slots` (any index shape) as float32, scaled down by
         widen_factor like everything attention reads (the paged pool's reads)."""
-        stored = (self.v if values else self.k)[layer][:, slots]
+        stored = _take_slots(self.xp, (self.v if values else self.k)[layer], slots)
         if self.spec.kv_dtype == "float32":
             return stored
-        scales = None if self.k_scale is None else (self.v_scale if values else self.k_scale)[layer][:, slots]
+        scales = None if self.k_scale is None else \
+            _take_slots(self.xp, (self.v_scale if values else self.k_scale)[layer], slots)
         out = self.xp.empty(stored.shape, dtype=self.xp.float32)
         self._widen(stored, scales, out)
         return out
@@ -404,6 +405,15 @@ def _f16_bits_widened(xp: Any, half: Any, out: Any) -> None:
     bits = out.view(xp.int32)
     xp.left_shift(half.view(xp.int16), 13, out=bits, dtype=xp.int32)
     xp.bitwise_and(bits, _F16_SIGN_EXP_MANTISSA, out=bits)
+
+
+def _take_slots(xp: Any, array: Any, slots: Any) -> Any:
+    """array[:, slots]: a view for a slice; for an index array `take`, which NumPy runs
+    about twice as fast as the same fancy index (a decode batch's 16 x 128 slots of one
+    layer: 90 against 190 us)"""
+    if isinstance(slots, slice):
+        return array[:, slots]
+    return xp.take(array, xp.asarray(slots), axis=1)
 
 
 def _as_slice(slots: np.ndarray) -> slice | np.ndarray:
