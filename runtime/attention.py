@@ -140,8 +140,10 @@ def _attend_decode_batch(q: Array, k: Array, v: Array, cache: Any, layer: int, s
     cache.store_decode(layer, k, v)
     keys, values, hidden = cache.decode_keys_values(layer)
     widen = cache.widen_factor
-    qg = (q * (scale * widen)).reshape(n_kv, group, b, d).transpose(0, 2, 1, 3)  # (Hkv, B, G, d)
-    scores = qg @ keys.transpose(0, 1, 3, 2)                                     # (Hkv, B, G, m)
+    qg = (q * (scale * widen)).reshape(n_kv, group, b, d).transpose(0, 2, 3, 1)  # (Hkv, B, d, G)
+    # keys @ q, then the (small) scores made contiguous: OpenBLAS multiplies the gathered
+    # keys as they lie faster than their transpose (16 sequences: 133 + 15 against 217 us)
+    scores = xp.ascontiguousarray((keys @ qg).transpose(0, 1, 3, 2))             # (Hkv, B, G, m)
     _softcap(xp, scores, softcap)
     if hidden is not None:
         xp.copyto(scores, -float("inf"), where=hidden[None, :, None, :])
