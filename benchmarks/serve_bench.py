@@ -13,7 +13,9 @@ Reported per concurrency:
 - whole tokens/s: every output token over the time from the requests to the last token;
 - p50 / p99 time per output token (the gaps between one stream's tokens) and p50 time to
   first token.
-The single-stream figure is Model.tokens alone (no server), 64 tokens after 64.
+The single-stream figure is Model.tokens alone (no server), 64 tokens after 64; "engine
+alone" is runtime.engine.Engine stepped in this process (no HTTP) over the same streams, its
+steady decode rate once every stream has its first token (the best of 3 runs).
 """
 
 from __future__ import annotations
@@ -108,6 +110,29 @@ def single_stream() -> float:
     return float(np.median(rates))
 
 
+def engine_alone(levels: list[int]) -> dict[int, float]:
+    import runtime
+    from runtime.engine import Engine, Request
+
+    model = runtime.load(max_context=1024, progress=False)
+    engine = Engine(model, max_batch=max(levels), context=1024)
+    rng = np.random.default_rng(2)
+    rates = {}
+    for n in levels:
+        best = 0.0
+        for _ in range(3):
+            for _ in range(n):
+                engine.submit(Request(rng.integers(100, 20000, PROMPT).tolist(), GENERATED), lambda event: None)
+            while engine.waiting or any(len(s.pending) > 1 for s in engine.running):
+                engine.step()  # the prompts, and each stream's first token
+            start, steps = time.perf_counter(), 0
+            while engine.step():
+                steps += 1
+            best = max(best, steps * n / (time.perf_counter() - start))
+        rates[n] = best
+    return rates
+
+
 def llama_batched(binary: str, gguf: str, levels: list[int]) -> dict[int, float]:
     out = subprocess.run([binary, "-m", gguf, "-c", "4096", "-b", "2048", "-ub", "512", "-npp", str(PROMPT),
                           "-ntg", str(GENERATED), "-npl", ",".join(map(str, levels)), "-t", str(os.cpu_count())],
@@ -133,6 +158,7 @@ def main() -> None:
     except ImportError:
         pass
     alone = single_stream()
+    engine = engine_alone(levels)
     proc, url = start_server(max(levels))
     try:
         run_level(url, 2, np.random.default_rng(0))  # warm-up
@@ -142,12 +168,14 @@ def main() -> None:
         proc.wait()
     llama = llama_batched(args.llama_batched_bench, args.gguf, levels) if args.llama_batched_bench else {}
     print(f"single stream (Model.tokens, {GENERATED} after {PROMPT}): {alone:.1f} tokens/s\n")
-    print("| streams | decode tokens/s | x single | llama.cpp F32 S_TG | whole tokens/s | TPOT p50 / p99 ms "
-          "| TTFT p50 s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| streams | decode tokens/s | x single | engine alone | x single | llama.cpp F32 S_TG | whole tokens/s "
+          "| TPOT p50 / p99 ms | TTFT p50 s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         theirs = llama.get(r["streams"])
-        print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['decode_tps'] / alone:.2f}x | "
+        own = engine[r["streams"]]
+        print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['decode_tps'] / alone:.2f}x | {own:.1f} | "
+              f"{own / alone:.2f}x | "
               f"{f'{theirs:.1f}' if theirs else '-'} | {r['whole_tps']:.1f} | "
               f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['ttft_p50_s']:.2f} |")
 
