@@ -115,7 +115,7 @@ def engine_alone(levels: list[int]) -> dict[int, float]:
     from runtime.engine import Engine, Request
 
     model = runtime.load(max_context=1024, progress=False)
-    engine = Engine(model, max_batch=max(levels), context=1024)
+    engine = Engine.for_model(model, max_batch=max(levels), context=1024)
     rng = np.random.default_rng(2)
     rates = {}
     for n in levels:

@@ -9,12 +9,18 @@ pool (runtime.paged_cache).
 
 A sequence's life: waiting -> running (prefix blocks reused, then prefill,
 decode) -> finished, its blocks back in the pool. What a row of logits yields for a
-sequence (the draw, stop ids, length) is runtime.generate.Generation, the same
-state `decode_tokens` runs a single sequence with: one decode loop, fed one
-sequence at a time there and a batch at a time here. When the pool runs dry, the
-newest running sequence is preempted: its blocks are freed and it waits again,
-to be recomputed from its prompt and the tokens it had generated (its sampler
-and its random state carry on, so its text is the same as if it had not been).
+sequence (the draw, stop ids, length) is runtime.generate.Generation. When the pool
+runs dry, the newest running sequence is preempted: its blocks are freed and it
+waits again, to be recomputed from its prompt and the tokens it had generated (its
+sampler and its random state carry on, so its text is the same as if it had not
+been).
+
+A sequence may bring its own cache instead of pool blocks: the single-sequence ring
+with attention sinks (runtime.kv_cache), which runs past its context and holds a
+chat's earlier turns. `generate` and `chat` (Model.tokens) are this engine with one
+such sequence, run by `decode_tokens` below: one decode loop for a batch of one
+and for the server's batches. A ring sequence runs in its own forward call and is
+never preempted (its cache is not the pool's to take back).
 
 The engine is driven by one thread (`run` / `start`); `submit` and `cancel` may
 come from any thread. Token events go to each request's `emit` callback, on
@@ -27,14 +33,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from loaders.errors import ModelError
-from runtime.generate import Generation, NonFiniteLogits
-from runtime.model import DRY_BREAKERS
-from runtime.paged_cache import DEFAULT_BLOCK_SIZE, BlockPool, PagedSequence, PoolSpec, SequenceBatch
+from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation, GenerationStats, NonFiniteLogits
+from runtime.kv_cache import KVCache
+from runtime.paged_cache import DEFAULT_BLOCK_SIZE, BlockPool, PagedSequence, SequenceBatch, new_pools
 from runtime.sampling import Sampler, SamplingParams
 
 DEFAULT_STEP_TOKENS = 256  # prompt chunk budget of one step; decode tokens come first
@@ -51,6 +57,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None   # also the top-N alternatives per token when > 0
+    dry_breakers: frozenset[int] = frozenset()  # token ids DRY's matches never reach across
 
 
 @dataclass
@@ -87,14 +94,14 @@ class Handle:
 
 
 class _Seq:
-    def __init__(self, handle: Handle, emit: Callable[[Event], None], pool: BlockPool,
-                 windows: list[int | None], capacity: int, xp: Any, breakers: frozenset[int]) -> None:
+    def __init__(self, handle: Handle, emit: Callable[[Event], None], sampler: Sampler,
+                 paged: PagedSequence | None, ring: KVCache | None, context: int | None) -> None:
         self.handle = handle
         self.request = r = handle.request
         self.emit = emit
-        self.paged = PagedSequence(pool, windows, capacity)
-        self.gen = Generation(r.ids, Sampler(xp, r.params, breakers), r.max_tokens, r.stop_ids, capacity,
-                              r.logprobs)
+        self.paged = paged  # pool blocks, or (None) the sequence's own ring
+        self.ring = ring
+        self.gen = Generation(r.ids, sampler, r.max_tokens, r.stop_ids, context, r.logprobs)
         self.prefixed = False  # cached prefix blocks looked up (once per admission)
 
     @property
@@ -103,23 +110,25 @@ class _Seq:
 
 
 class Engine:
-    """The batch scheduler over one model and one block pool."""
+    """The batch scheduler over one model and its block pools."""
 
-    def __init__(self, model: Any, *, max_batch: int = 8, context: int | None = None,
-                 num_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 step_tokens: int = DEFAULT_STEP_TOKENS, max_waiting: int = 256,
-                 prefix_caching: bool = True) -> None:
+    def __init__(self, net: Any, *, kv_dtype: str = "float32", context: int | None = None,
+                 max_batch: int = 8, num_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 step_tokens: int = DEFAULT_STEP_TOKENS, max_waiting: int = 256, prefix_caching: bool = True,
+                 diagnose: Callable[[], str] | None = None, isolate_errors: bool = True) -> None:
+        """`diagnose` names the broken weight when logits are not finite; `isolate_errors`
+        (serving) turns an exception into an error event for the batch it broke, where
+        decode_tokens lets it propagate to its caller."""
         if max_batch < 1 or step_tokens < 1 or block_size < 1:
             raise ModelError("max_batch, step_tokens and block_size must be positive")
-        self.model = model
-        self.net = model.net
-        self.backend = model.backend
-        spec = model.cache_spec
-        self.context = context or spec.capacity
-        for limit in (getattr(model.config, "position_limit", None), getattr(self.net, "batch_context_limit", None)):
+        self.net = net
+        self.backend = net.backend
+        config = net.config
+        self.context = context or config.max_position_embeddings
+        for limit in (getattr(config, "position_limit", None), getattr(net, "batch_context_limit", None)):
             if limit is not None:
                 self.context = min(self.context, limit)
-        self.windows = model.config.layer_windows()
+        self.windows = config.layer_windows()
         per_seq = -(-self.context // block_size)
         # by default the pool holds max_batch sequences of 1,024 tokens, or one full context
         # if that is more (8 x 1,024 float32 tokens of the default model: 377 MB); more
@@ -128,15 +137,20 @@ class Engine:
         if self.num_blocks < per_seq:
             raise ModelError(f"a pool of {self.num_blocks} blocks of {block_size} cannot hold one sequence "
                              f"of {self.context} tokens ({per_seq} blocks)")
-        self.pool = BlockPool(self.backend, PoolSpec(spec.num_layers, self.net.config.num_key_value_heads,
-                                                     self.net.config.head_dim, self.num_blocks, block_size,
-                                                     spec.kv_dtype))
+        self.block_size = block_size
+        self.kv_dtype = kv_dtype
+        self._pools: list[BlockPool] | None = None
         self.max_batch = max_batch
         # a chunk may not exceed the shortest window: its own keys are only causally masked
         windows = [w for w in self.windows if w is not None]
         self.step_tokens = min([step_tokens] + windows)
+        # a sliding-window kind's pool: every running sequence's widest need (its window and a
+        # chunk), not a whole context each (Gemma 3's 1,024-token window beside 5 of 6 layers)
+        self.window_blocks = max_batch * (-(-(max(windows, default=0) + self.step_tokens) // block_size) + 1)
         self.max_waiting = max_waiting
         self.prefix_caching = prefix_caching
+        self.diagnose = diagnose
+        self.isolate_errors = isolate_errors
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.steps = 0
@@ -146,19 +160,52 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
+    @classmethod
+    def for_model(cls, model: Any, **options: Any) -> "Engine":
+        """The engine of a loaded runtime.Model: its cache dtype, its context by default."""
+        options["context"] = options.get("context") or model.cache_spec.capacity
+        return cls(model.net, kv_dtype=model.cache_spec.kv_dtype, diagnose=model.nonfinite_weight_report,
+                   **options)
+
+    @property
+    def pools(self) -> list[BlockPool]:
+        """The block pools, one per layer kind (runtime.paged_cache.new_pools), allocated on
+        first use: an engine of ring sequences (decode_tokens) has none."""
+        if self._pools is None:
+            c = self.net.config
+            self._pools = new_pools(self.backend, self.windows, c.num_key_value_heads, c.head_dim, self.num_blocks,
+                                    self.block_size, self.kv_dtype, self.window_blocks)
+        return self._pools
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks a sequence could take now, over every pool."""
+        return sum(p.available for p in self.pools)
+
+    @property
+    def total_blocks(self) -> int:
+        return sum(p.spec.num_blocks for p in self.pools)
+
     # -- from any thread -----------------------------------------------------------
-    def submit(self, request: Request, emit: Callable[[Event], None]) -> Handle:
+    def submit(self, request: Request, emit: Callable[[Event], None], *, cache: KVCache | None = None,
+               sampler: Sampler | None = None) -> Handle:
+        """Queue a request; its tokens go to `emit`. With `cache` (a ring, as Model.new_cache
+        makes) the sequence continues what that cache holds instead of taking pool blocks."""
         n = len(request.ids)
         if n == 0:
             raise ModelError("the prompt is empty")
-        if n >= self.context:
+        if cache is None and n >= self.context:
             raise ModelError(f"the prompt is {n:,} tokens, and the context is {self.context:,}: "
                              "it must leave room for at least one new token")
         if request.max_tokens < 0:
             raise ModelError(f"max_tokens must be >= 0, got {request.max_tokens}")
         handle = Handle(self, request)
-        breakers = self.model.token_ids_containing(DRY_BREAKERS) if request.params.dry_multiplier > 0 else frozenset()
-        seq = _Seq(handle, emit, self.pool, self.windows, self.context, self.backend.xp, breakers)
+        sampler = sampler or Sampler(self.backend.xp, request.params, request.dry_breakers)
+        if cache is None:
+            seq = _Seq(handle, emit, sampler, PagedSequence(self.pools, self.windows, self.context), None,
+                       self.context)
+        else:
+            seq = _Seq(handle, emit, sampler, None, cache, None)
         with self._work:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
@@ -205,18 +252,23 @@ class Engine:
         batch = self._plan()
         if not batch:
             return False
-        seqs = [s for s, _ in batch]
-        tokens = [chunk for _, chunk in batch]
-        try:
-            logits = self.net.forward(np.concatenate([np.asarray(c, dtype=np.int64) for c in tokens]),
-                                      SequenceBatch(self.backend, [s.paged for s in seqs], tokens))
-        except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
-            for seq in seqs:
-                self._finish(seq, "error", _one_line(exc))
-            return True
+        paged = [(s, c) for s, c in batch if s.paged is not None]
+        # the pool's sequences in one call; a ring sequence (decode_tokens) in its own
+        calls = ([(paged, SequenceBatch(self.backend, [s.paged for s, _ in paged], [c for _, c in paged]))]
+                 if paged else []) + [([(s, c)], s.ring) for s, c in batch if s.paged is None]
+        for part, cache in calls:
+            tokens = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in part])
+            try:
+                logits = self.net.forward(tokens, cache)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not take the server down
+                if not self.isolate_errors:
+                    raise
+                for seq, _ in part:
+                    self._finish(seq, "error", _one_line(exc))
+                continue
+            for row, (seq, chunk) in enumerate(part):
+                self._fed(seq, len(chunk), logits[row])
         self.steps += 1
-        for row, (seq, chunk) in enumerate(batch):
-            self._fed(seq, len(chunk), logits[row])
         return True
 
     def _drop_cancelled(self) -> None:
@@ -232,6 +284,11 @@ class Engine:
                 if not self.waiting:
                     return
                 seq = self.waiting[0]
+            if seq.paged is None:  # a ring sequence: no blocks to find or wait for
+                with self._lock:
+                    self.waiting.popleft()
+                self.running.append(seq)
+                continue
             if not seq.prefixed:
                 seq.prefixed = True  # the blocks found are held while it waits for the rest
                 if self.prefix_caching:
@@ -240,7 +297,7 @@ class Engine:
                     if not seq.gen.generated:
                         seq.handle.usage.cached_tokens = reused
             first = min(len(seq.pending), self.step_tokens)
-            if seq.paged.blocks_needed(first) > self.pool.available:
+            if any(n > pool.available for n, pool in zip(seq.paged.blocks_needed(first), self.pools)):
                 return
             with self._lock:
                 self.waiting.popleft()
@@ -256,6 +313,8 @@ class Engine:
             if seq not in self.running:
                 continue  # preempted while planning
             n = 1 if len(seq.pending) == 1 else min(len(seq.pending), budget)
+            if seq.ring is not None:
+                n = min(n, seq.ring.max_chunk)
             if n < 1:
                 continue
             if not self._reserve(seq, n):
@@ -266,9 +325,11 @@ class Engine:
         return [(s, c) for s, c in plan if s in self.running]
 
     def _reserve(self, seq: _Seq, n: int) -> bool:
-        """Blocks for n tokens of seq, preempting the newest other sequences if needed."""
+        """Blocks for n tokens of seq, preempting the newest other pool sequences if needed."""
+        if seq.paged is None:
+            return True
         while not seq.paged.reserve(n):
-            victim = self.running[-1]
+            victim = [s for s in self.running if s.paged is not None][-1]
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -287,7 +348,9 @@ class Engine:
         try:
             token = seq.gen.fed(n, row, self.backend)
         except NonFiniteLogits as exc:
-            self._finish(seq, "error", f"{exc}: {self.model.nonfinite_weight_report()}")
+            if not self.isolate_errors:
+                raise
+            self._finish(seq, "error", f"{exc}: {self.diagnose()}" if self.diagnose else str(exc))
             return
         if token is not None:
             seq.handle.usage.completion_tokens += 1
@@ -304,7 +367,8 @@ class Engine:
                 self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-        seq.paged.free()
+        if seq.paged is not None:
+            seq.paged.free()
         seq.emit(Event(finish_reason=reason, error=error))
 
 
@@ -319,3 +383,42 @@ def wait_idle(engine: Engine, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the engine did not go idle")
         time.sleep(0.01)
+
+
+def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Sampler, *,
+                  max_tokens: int, stop_ids: set[int] | frozenset[int], stats: GenerationStats,
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, logprobs: int | None = None) -> Iterator[int]:
+    """Prefill `prompt` (tokens not yet in `cache`) and yield up to max_tokens new ids: an
+    Engine running one sequence over its own cache, a step at a time, on this thread.
+
+    A stop id ends the loop and is not yielded. Only the chosen id crosses from the
+    device to the host each step: it is -1 when the row it was drawn from is not
+    finite, which raises NonFiniteLogits. With `logprobs`, each token's
+    log-probability and its `logprobs` best alternatives go to stats.logprobs.
+    Closing the iterator early leaves in the cache every token whose forward pass ran.
+    """
+    engine = Engine(net, max_batch=1, step_tokens=prefill_chunk, isolate_errors=False)
+    events: deque[Event] = deque()
+    engine.submit(Request(list(prompt), max_tokens, stop_ids=frozenset(stop_ids), logprobs=logprobs),
+                  events.append, cache=cache, sampler=sampler)
+    stats.prompt_tokens = len(prompt)
+    stats.stop_reason = "length"
+    start = time.perf_counter()
+    first: float | None = None
+    while engine.step():
+        now = time.perf_counter()
+        while events:
+            event = events.popleft()
+            if event.token is None:
+                stats.stop_reason = event.finish_reason or "length"
+                return
+            stats.generated_tokens += 1
+            if first is None:
+                first = now
+                stats.prefill_seconds = stats.first_token_seconds = now - start
+            else:
+                stats.decode_steps += 1
+                stats.decode_seconds = now - first
+            if event.logprob is not None:
+                stats.logprobs.append((event.token, event.logprob, event.top_logprobs or []))
+            yield event.token

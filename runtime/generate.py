@@ -1,7 +1,9 @@
 """The generation loop: chunked prefill, then one token per decode step.
 
-Layered as in mlx-lm: `prefill` fills the cache, `decode_tokens` yields token ids
-one step at a time, and the Model's `stream` / `generate` turn them into text.
+Layered as in mlx-lm: `prefill` fills the cache, a `Generation` is one sequence's
+decode state, runtime.engine steps sequences (one, for `generate` and `chat`, in
+engine.decode_tokens; many, for the server), and the Model's `stream` / `generate`
+turn the token ids into text.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -73,8 +75,8 @@ def draw(backend: Any, sampler: Sampler, row: Any, history: Sequence[int], n_see
 
 
 class Generation:
-    """One sequence's decode state, the same whether it runs alone (decode_tokens) or
-    in a batch (runtime.engine): the tokens to feed next, and what a row of logits
+    """One sequence's decode state, the same whether it runs alone (engine.decode_tokens)
+    or in a batch (runtime.engine): the tokens to feed next, and what a row of logits
     after them yields. Feeding `pending` and calling `fed` until `done` is the whole
     loop; prefill is feeding the prompt in chunks, a decode step feeding one token.
     """
@@ -142,42 +144,3 @@ def token_logprobs(row: np.ndarray, token: int, top: int) -> tuple[float, list[t
         ids = ids[np.argsort(-row[ids], kind="stable")]
         best = [(int(i), float(row[i] - log_z)) for i in ids]
     return float(row[token] - log_z), best
-
-
-def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Sampler, *,
-                  max_tokens: int, stop_ids: set[int], stats: GenerationStats,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, logprobs: int | None = None) -> Iterator[int]:
-    """Prefill `prompt` (tokens not yet in the cache) and yield up to max_tokens new ids.
-
-    A stop id ends the loop and is not yielded. Only the chosen id crosses from
-    the device to the host each step: it is -1 when the row it was drawn from is
-    not finite, which raises NonFiniteLogits (the check costs one pass over one
-    row of logits, not one over every activation). With `logprobs`, each token's
-    log-probability and its `logprobs` best alternatives go to stats.logprobs.
-    """
-    backend = net.backend
-    gen = Generation(prompt, sampler, max_tokens, stop_ids, logprobs=logprobs)
-    chunk = max(1, min(prefill_chunk, cache.max_chunk))
-    start = time.perf_counter()
-    stats.prompt_tokens = len(prompt)
-    stats.stop_reason = "length"
-    decode_start = start
-    while not gen.done:
-        tokens = gen.pending[:chunk]
-        logits = net.forward(np.asarray(tokens, dtype=np.int64), cache)
-        if gen.generated:
-            stats.decode_steps += 1
-            stats.decode_seconds = time.perf_counter() - decode_start
-        elif len(tokens) == len(gen.pending):  # the prompt's last chunk
-            backend.synchronize()
-            stats.prefill_seconds = time.perf_counter() - start
-        token = gen.fed(len(tokens), logits[-1], backend)
-        if len(gen.generated) == 1 and token is not None:
-            stats.first_token_seconds = time.perf_counter() - start
-            decode_start = time.perf_counter()
-        if token is not None:
-            stats.generated_tokens += 1
-            if gen.last_logprobs is not None:
-                stats.logprobs.append((token, *gen.last_logprobs))
-            yield token
-    stats.stop_reason = gen.finish_reason or "length"

@@ -24,7 +24,8 @@ from loaders.safetensors import Checkpoint
 from loaders.tokenizer import Tokenizer
 from models import architecture
 from runtime.backend import Backend, get_backend
-from runtime.generate import DEFAULT_PREFILL_CHUNK, GenerationStats, NonFiniteLogits, decode_tokens, prefill
+from runtime.engine import decode_tokens
+from runtime.generate import DEFAULT_PREFILL_CHUNK, GenerationStats, NonFiniteLogits, prefill
 from runtime.kv_cache import DEFAULT_SINKS, KV_DTYPES, CacheSpec, HybridCache, HybridSpec, KVCache, new_cache
 from runtime.sampling import Sampler, SamplingParams
 from runtime.stop_strings import StopStrings

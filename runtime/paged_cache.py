@@ -1,12 +1,18 @@
-"""The paged KV cache: many sequences' keys and values in one pool of fixed-size blocks.
+"""The paged KV cache: many sequences' keys and values in pools of fixed-size blocks.
 
 vLLM's PagedAttention layout on the CPU: one preallocated store of
-`num_blocks x block_size` slots for every layer (a KVCache without sinks, so its
+`num_blocks x block_size` slots for a kind of layers (a KVCache without sinks, so its
 float32 / float16 / int8 storage, quantization and widening are the ring's own
 code), handed out a block at a time. A sequence keeps a block table: position p
 lives in slot `table[p // block_size] * block_size + p % block_size`. Nothing is
 fragmented and nothing is copied when a sequence grows; a finished sequence gives
 its blocks back.
+
+Layer kinds: the layers that attend to everything are one kind, the layers with one
+sliding window another (Gemma 2 and 3 alternate them). Each kind has its own pool
+and each sequence a table per kind, so the window layers' blocks go back to their
+pool as soon as the window has passed them, while the global layers' stay; the
+window pool is sized for the running sequences' windows, not for whole contexts.
 
 Prefix caching: a full block is named by its tokens and the name of the block
 before it (so a name stands for the whole prefix up to it), and a freed block that
@@ -121,89 +127,184 @@ class BlockPool:
                 self.free.append(block)
 
 
-class PagedSequence:
-    """One sequence's block table over the pool, and its position."""
+def layer_kinds(windows: Sequence[int | None]) -> tuple[list[int | None], list[int]]:
+    """The distinct windows (None: full attention) in order of first use, and each layer's
+    kind: the layers whose slots one block pool holds."""
+    kinds = list(dict.fromkeys(windows))
+    return kinds, [kinds.index(w) for w in windows]
 
-    def __init__(self, pool: BlockPool, windows: Sequence[int | None], capacity: int) -> None:
+
+def new_pools(backend: Backend, windows: Sequence[int | None], num_kv_heads: int, head_dim: int,
+              num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, kv_dtype: str = "float32",
+              window_blocks: int | None = None) -> list[BlockPool]:
+    """One pool per layer kind, holding only that kind's layers. A sliding-window kind's
+    sequences hold no more blocks than their window spans, so its pool may be smaller
+    (`window_blocks`); the full-attention kind's holds every token of every sequence."""
+    kinds, kind_of = layer_kinds(windows)
+    return [BlockPool(backend, PoolSpec(kind_of.count(k), num_kv_heads, head_dim,
+                                        num_blocks if w is None or window_blocks is None
+                                        else min(num_blocks, window_blocks), block_size, kv_dtype))
+            for k, w in enumerate(kinds)]
+
+
+class BlockTable:
+    """One sequence's blocks in one kind's pool: position p of the sequence lives in slot
+    `blocks[p // block_size] * block_size + p % block_size` of that pool's store."""
+
+    def __init__(self, pool: BlockPool, window: int | None) -> None:
         self.pool = pool
-        self.capacity = capacity
+        self.window = window
         self.blocks: list[int] = []
-        self.tokens: list[int] = []   # the ids whose keys and values are stored, in order
-        self.offset = 0
-        self._named = 0               # leading full blocks whose prefix has a name
-        self._prefix: Hashable = None  # the name of the prefix up to them
-        # a model whose every layer has a window never looks further back than the
-        # widest: blocks older than that go back to the pool as the sequence grows
-        self.horizon = max(windows) if all(w is not None for w in windows) else None
-        self._dropped = 0             # leading blocks given back (their table entries are -1)
-        kinds = list(dict.fromkeys(windows))
-        self._rings = [PagedRing(self, w) for w in kinds]
-        self.layer_kind = [kinds.index(w) for w in windows]
-        self.layer_ring = [self._rings[k] for k in self.layer_kind]
-        self._new: list[int] = []
+        self.named = 0               # leading full blocks whose prefix has a name
+        self.prefix: Hashable = None  # the name of the prefix up to them
+        self.dropped = 0             # leading blocks given back (their entries are -1)
 
-    # -- blocks -----------------------------------------------------------------
-    def reuse_prefix(self, ids: Sequence[int]) -> int:
-        """Take the cached full blocks `ids` starts with; returns the tokens reused.
+    def blocks_needed(self, total: int) -> int:
+        return max(0, -(-total // self.pool.block_size) - len(self.blocks))
 
-        At least the last token is left to prefill, since its logits are needed.
-        """
-        assert not self.blocks, "a prefix is reused only by a new sequence"
-        bs = self.pool.block_size
-        name: Hashable = None
-        for start in range(0, len(ids) - 1 - bs + 1, bs):
-            name = (name, tuple(ids[start:start + bs]))
-            block = self.pool.find(name)
-            if block is None:
-                break
-            self.blocks.append(block)
-        self._named = len(self.blocks)
-        self._prefix = name if self.blocks else None
-        self.offset = len(self.blocks) * bs
-        self.tokens = list(ids[:self.offset])
-        return self.offset
-
-    def reserve(self, n_new: int) -> bool:
-        """Blocks for n_new more tokens; False (holding what it got) if the pool ran out."""
-        need = -(-(self.offset + n_new) // self.pool.block_size) - len(self.blocks)
-        for _ in range(need):
+    def reserve(self, total: int) -> bool:
+        """Blocks for positions up to `total`; False (holding what it got) if the pool ran out."""
+        for _ in range(self.blocks_needed(total)):
             block = self.pool.allocate()
             if block is None:
                 return False
             self.blocks.append(block)
         return True
 
-    def blocks_needed(self, n_new: int) -> int:
-        return max(0, -(-(self.offset + n_new) // self.pool.block_size) - len(self.blocks))
+    def find_prefix(self, ids: Sequence[int], limit: int) -> int:
+        """Take the cached full blocks, up to `limit`, that `ids` starts with; returns how many."""
+        bs = self.pool.block_size
+        name: Hashable = None
+        for start in range(0, limit * bs, bs):
+            candidate = (name, tuple(ids[start:start + bs]))
+            block = self.pool.find(candidate)
+            if block is None:
+                break
+            name = candidate
+            self.blocks.append(block)
+        self.named = len(self.blocks)
+        self.prefix = name
+        return len(self.blocks)
+
+    def keep(self, n_blocks: int, ids: Sequence[int]) -> None:
+        """Give back the blocks found past the first n_blocks (another kind found fewer)."""
+        for block in self.blocks[n_blocks:]:
+            self.pool.release(block)
+        del self.blocks[n_blocks:]
+        self.named = len(self.blocks)
+        bs = self.pool.block_size
+        self.prefix = None
+        for i in range(n_blocks):
+            self.prefix = (self.prefix, tuple(ids[i * bs:(i + 1) * bs]))
+
+    def name_full(self, tokens: Sequence[int], offset: int) -> None:
+        """Name the blocks that just became full: a later prompt with this prefix reuses them."""
+        bs = self.pool.block_size
+        while self.named < offset // bs:
+            i = self.named
+            self.prefix = (self.prefix, tuple(tokens[i * bs:(i + 1) * bs]))
+            if i >= self.dropped:
+                self.pool.name(self.blocks[i], self.prefix)  # kept by another block if it has it
+            self.named += 1
+
+    def drop_out_of_window(self, offset: int) -> None:
+        """Give back the leading blocks this kind's layers will not read again: the next
+        query, at position `offset`, sees positions from offset - window + 1 on. Named
+        blocks only, so that a prefix stays findable until the pool needs the block."""
+        if self.window is None:
+            return
+        keep_from = (offset - self.window + 1) // self.pool.block_size  # the first block still in view
+        while self.dropped < min(keep_from, self.named):
+            self.pool.release(self.blocks[self.dropped])
+            self.blocks[self.dropped] = -1
+            self.dropped += 1
+
+    @property
+    def held(self) -> int:
+        return len(self.blocks) - self.dropped
 
     def free(self) -> None:
-        for block in self.blocks[self._dropped:]:
+        for block in self.blocks[self.dropped:]:
             self.pool.release(block)
-        self.blocks, self.tokens, self.offset, self._named, self._prefix = [], [], 0, 0, None
-        self._dropped = 0
-
-    def _drop_out_of_window(self) -> None:
-        """Give back the leading blocks no layer will read again: the next query, at
-        position `offset`, sees positions from offset - horizon + 1 on."""
-        if self.horizon is None:
-            return
-        bs = self.pool.block_size
-        keep_from = (self.offset - self.horizon + 1) // bs  # the first block still in view
-        while self._dropped < min(keep_from, self._named):  # named first: a prefix stays findable
-            self.pool.release(self.blocks[self._dropped])
-            self.blocks[self._dropped] = -1
-            self._dropped += 1
+        self.blocks, self.named, self.prefix, self.dropped = [], 0, None, 0
 
     def slots(self, positions: np.ndarray) -> np.ndarray:
         bs = self.pool.block_size
         return np.asarray(self.blocks, dtype=np.int64)[positions // bs] * bs + positions % bs
+
+
+class PagedSequence:
+    """One sequence over the pools: a block table per layer kind, and its position.
+
+    A model whose layers all attend to everything (or all share one window) has one
+    kind and one table. A hybrid one (Gemma 2 and 3: sliding-window layers between
+    global ones) has a table per kind, so that the window layers' blocks go back to
+    their pool as the sequence moves on while the global layers' stay.
+    """
+
+    def __init__(self, pools: Sequence[BlockPool], windows: Sequence[int | None], capacity: int) -> None:
+        kinds, self.layer_kind = layer_kinds(windows)
+        if len(pools) != len(kinds):
+            raise ValueError(f"{len(kinds)} layer kinds need as many pools, got {len(pools)}")
+        self.capacity = capacity
+        self.tokens: list[int] = []   # the ids whose keys and values are stored, in order
+        self.offset = 0
+        self.tables = [BlockTable(pool, w) for pool, w in zip(pools, kinds)]
+        # each layer's index in its kind's pool
+        self.layer_index = [self.layer_kind[:n].count(k) for n, k in enumerate(self.layer_kind)]
+        self._rings = [PagedRing(self, table, self.layer_index) for table in self.tables]
+        self.layer_ring = [self._rings[k] for k in self.layer_kind]
+        self._new: list[int] = []
+
+    @property
+    def block_size(self) -> int:
+        return self.tables[0].pool.block_size
+
+    @property
+    def blocks(self) -> list[int]:
+        """The block table of the first kind (the only one for most models)."""
+        return self.tables[0].blocks
+
+    @property
+    def held(self) -> int:
+        """Blocks this sequence holds, over every kind."""
+        return sum(t.held for t in self.tables)
+
+    # -- blocks -----------------------------------------------------------------
+    def reuse_prefix(self, ids: Sequence[int]) -> int:
+        """Take the cached full blocks `ids` starts with, in every kind; returns the tokens
+        reused. At least the last token is left to prefill, since its logits are needed."""
+        assert not self.offset and not any(t.blocks for t in self.tables), "only a new sequence reuses a prefix"
+        limit = (len(ids) - 1) // self.block_size
+        for table in self.tables:
+            limit = min(limit, table.find_prefix(ids, limit))
+        for table in self.tables:
+            table.keep(limit, ids)
+        self.offset = limit * self.block_size
+        self.tokens = list(ids[:self.offset])
+        for table in self.tables:
+            table.drop_out_of_window(self.offset)
+        return self.offset
+
+    def reserve(self, n_new: int) -> bool:
+        """Blocks for n_new more tokens in every kind; False (holding what it got) if a pool ran out."""
+        return all(t.reserve(self.offset + n_new) for t in self.tables)
+
+    def blocks_needed(self, n_new: int) -> list[int]:
+        """Per kind, the blocks n_new more tokens would take."""
+        return [t.blocks_needed(self.offset + n_new) for t in self.tables]
+
+    def free(self) -> None:
+        for table in self.tables:
+            table.free()
+        self.tokens, self.offset = [], 0
 
     # -- one forward call --------------------------------------------------------
     def begin(self, tokens: Sequence[int]) -> np.ndarray:
         n = len(tokens)
         if self.offset + n > self.capacity:
             raise ModelError(f"{self.offset + n} tokens do not fit in the sequence's context of {self.capacity}")
-        if self.blocks_needed(n):
+        if any(self.blocks_needed(n)):
             raise RuntimeError("reserve() the blocks before the forward pass")
         positions = np.arange(self.offset, self.offset + n, dtype=np.int64)
         for ring in self._rings:
@@ -215,27 +316,24 @@ class PagedSequence:
         self.offset += len(self._new)
         self.tokens += self._new
         self._new = []
-        # name the blocks that just became full: a later prompt with this prefix reuses them
-        bs = self.pool.block_size
-        while self._named < self.offset // bs:
-            i = self._named
-            self._prefix = (self._prefix, tuple(self.tokens[i * bs:(i + 1) * bs]))
-            self.pool.name(self.blocks[i], self._prefix)  # kept by another block if it has it already
-            self._named += 1
-        self._drop_out_of_window()
+        for table in self.tables:
+            table.name_full(self.tokens, self.offset)
+            table.drop_out_of_window(self.offset)
 
 
 class PagedRing:
-    """A sequence's keys and values as one ring kind (full or one window) sees them,
-    offering `attend` the reading interface of KVCache."""
+    """A sequence's keys and values as one layer kind sees them (all of them, or its
+    window), offering `attend` the reading interface of KVCache."""
 
     n_sink = 0
     batched = False
 
-    def __init__(self, seq: PagedSequence, window: int | None) -> None:
+    def __init__(self, seq: PagedSequence, table: BlockTable, layer_index: list[int]) -> None:
         self.seq = seq
-        self.window = window
-        self.store_cache = seq.pool.store
+        self.table = table
+        self.window = table.window
+        self.layer_index = layer_index  # a layer's index in this kind's store
+        self.store_cache = table.pool.store
         self.xp = self.store_cache.xp
         self.spec = self.store_cache.spec
         self.old_mask: Any = None
@@ -252,12 +350,13 @@ class PagedRing:
         return self.seq.capacity
 
     def begin(self, positions: np.ndarray) -> None:
-        seq, w = self.seq, self.window
+        table, w = self.table, self.window
         first, last = int(positions[0]), int(positions[-1])
         # old tokens the chunk's first query sees; later queries see fewer (old_mask)
         low = 0 if w is None else max(0, first - w + 1)
-        self._old_slots = _as_index(seq.slots(np.arange(low, first, dtype=np.int64))) if first > low else None
-        self._new_slots = _as_index(seq.slots(positions))
+        self._old_slots = _as_index(table.slots(np.arange(low, first, dtype=np.int64))) if first > low else None
+        self.new = table.slots(positions)
+        self._new_slots = _as_index(self.new)
         self.old_mask = None
         if w is not None and first > low and len(positions) > 1:
             old = np.arange(low, first)
@@ -265,12 +364,12 @@ class PagedRing:
             self.old_mask = self.xp.asarray(hidden) if hidden.any() else None
         # a decode step stores first, then reads its window including itself
         after_low = 0 if w is None else max(0, last - w + 1)
-        self.after = seq.slots(np.arange(after_low, last + 1, dtype=np.int64))
+        self.after = table.slots(np.arange(after_low, last + 1, dtype=np.int64))
         self._after_slots = _as_index(self.after)
         self.n_after = last + 1 - after_low
 
     def _gather(self, layer: int, slots: Any, values: bool) -> Any:
-        return self.store_cache.read_slots(layer, slots, values)
+        return self.store_cache.read_slots(self.layer_index[layer], slots, values)
 
     def keys_values(self, layer: int, n: int | None = None) -> tuple[Any, Any, float]:
         if self._old_slots is None:
@@ -280,7 +379,7 @@ class PagedRing:
                 self.widen_factor)
 
     def store(self, layer: int, k: Any, v: Any) -> None:
-        self.store_cache.write_slots(layer, self._new_slots, k, v)
+        self.store_cache.write_slots(self.layer_index[layer], self._new_slots, k, v)
 
     def scores_buffer(self, rows: int, cols: int) -> Any:
         return self.xp.empty((self.spec.num_kv_heads, rows, cols), dtype=self.xp.float32)
@@ -345,10 +444,9 @@ class SequenceBatch:
         # batch over a padded gather of their slots (attention._attend_decode_batch)
         self.decoding = len(self.sequences) > 1 and n_new == len(self.sequences)
         if self.decoding:
-            self._new_slots = np.concatenate([seq.slots(seq_pos) for seq, seq_pos in
-                                              zip(self.sequences, self.positions[:, None])])
-            self._padded = [self._pad([seq._rings[kind].after for seq in self.sequences])
-                            for kind in range(len(self.sequences[0]._rings))]
+            kinds = range(len(self.sequences[0].tables))
+            self._new_slots = [np.concatenate([seq._rings[k].new for seq in self.sequences]) for k in kinds]
+            self._padded = [self._pad([seq._rings[k].after for seq in self.sequences]) for k in kinds]
         return self.positions
 
     def _pad(self, slots: list[np.ndarray]) -> tuple[np.ndarray, Any]:
@@ -365,18 +463,24 @@ class SequenceBatch:
 
     @property
     def widen_factor(self) -> float:
-        return self.sequences[0].pool.store.widen_factor
+        return self.sequences[0].tables[0].pool.store.widen_factor
+
+    def _store(self, layer: int) -> tuple[int, KVCache, int]:
+        seq = self.sequences[0]
+        kind = seq.layer_kind[layer]
+        return kind, seq.tables[kind].pool.store, seq.layer_index[layer]
 
     def store_decode(self, layer: int, k: Any, v: Any) -> None:
         """Each sequence's one new key and value (kv_heads, B, d) into its slot."""
-        self.sequences[0].pool.store.write_slots(layer, self._new_slots, k, v)
+        kind, store, index = self._store(layer)
+        store.write_slots(index, self._new_slots[kind], k, v)
 
     def decode_keys_values(self, layer: int) -> tuple[Any, Any, Any]:
         """Keys and values (kv_heads, B, m, d) each sequence's query sees at this layer
         (its window, if the layer has one), padded to the longest, and the padding's mask."""
-        index, hidden = self._padded[self.sequences[0].layer_kind[layer]]
-        store = self.sequences[0].pool.store
-        return store.read_slots(layer, index, False), store.read_slots(layer, index, True), hidden
+        kind, store, index = self._store(layer)
+        slots, hidden = self._padded[kind]
+        return store.read_slots(index, slots, False), store.read_slots(index, slots, True), hidden
 
     def end(self) -> None:
         for seq in self.sequences:

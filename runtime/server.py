@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Callable
 
 from loaders.errors import ModelError
 from runtime.engine import Engine, Event, Handle, QueueFull, Request
+from runtime.model import DRY_BREAKERS
 from runtime.sampling import SamplingParams
 from runtime.stop_strings import StopStrings
 
@@ -101,7 +102,7 @@ class Server:
     def _load(self) -> None:
         try:
             model = self.load()
-            self.engine = Engine(model, **self.engine_options).start()
+            self.engine = Engine.for_model(model, **self.engine_options).start()
             self.model = model
             self.model_name = self.model_name or model.folder.name
         except Exception as exc:  # noqa: BLE001 - reported by /health and every request
@@ -165,8 +166,8 @@ class Server:
         except APIError as exc:
             return exc.response()
         e = self.engine
-        values = {"kv_blocks_free": e.pool.available, "kv_blocks_total": e.num_blocks,
-                  "kv_block_size": e.pool.block_size, "requests_running": len(e.running),
+        values = {"kv_blocks_free": e.free_blocks, "kv_blocks_total": e.total_blocks,
+                  "kv_block_size": e.block_size, "requests_running": len(e.running),
                   "requests_waiting": len(e.waiting), "steps_total": e.steps, "preemptions_total": e.preemptions,
                   "max_batch": e.max_batch}
         text = "".join(f"nprt_{name} {value}\n" for name, value in values.items())
@@ -212,7 +213,9 @@ class Server:
         try:
             handle = self.engine.submit(
                 Request(job.ids, job.max_tokens, job.params,
-                        frozenset() if job.ignore_eos else frozenset(self.model.stop_ids), job.logprobs),
+                        frozenset() if job.ignore_eos else frozenset(self.model.stop_ids), job.logprobs,
+                        self.model.token_ids_containing(DRY_BREAKERS) if job.params.dry_multiplier > 0
+                        else frozenset()),
                 lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         except QueueFull as exc:
             return error_response(429, f"the server is busy: {exc}", "rate_limit_error", code="queue_full")

@@ -108,7 +108,8 @@ def decode_logits(net: Any, spec: Any, ids: list[int]) -> np.ndarray:
 
 
 def greedy(net: Any, spec: Any, ids: list[int], n: int) -> list[int]:
-    from runtime.generate import GenerationStats, decode_tokens
+    from runtime.engine import decode_tokens
+    from runtime.generate import GenerationStats
     from runtime.sampling import Sampler, SamplingParams
 
     return list(decode_tokens(net, new_cache(net, spec), ids, Sampler(net.xp, SamplingParams()), max_tokens=n,

@@ -58,8 +58,6 @@ ALLOWED_NUMPY = {
     ("runtime/sampling.py", "Sampler.__call__", "np.float32"),
     ("runtime/generate.py", "prefill", "np.asarray"),  # prompt token ids
     ("runtime/generate.py", "prefill", "np.int64"),
-    ("runtime/generate.py", "decode_tokens", "np.asarray"),  # the sampled token id
-    ("runtime/generate.py", "decode_tokens", "np.int64"),
     # log-probabilities of a row already brought to the host (only when asked for)
     ("runtime/generate.py", "token_logprobs", "np.argpartition"),
     ("runtime/generate.py", "token_logprobs", "np.argsort"),
@@ -75,8 +73,8 @@ ALLOWED_NUMPY = {
     ("runtime/paged_cache.py", "PagedRing.begin", "np.int64"),
     ("runtime/paged_cache.py", "PagedSequence.begin", "np.arange"),
     ("runtime/paged_cache.py", "PagedSequence.begin", "np.int64"),
-    ("runtime/paged_cache.py", "PagedSequence.slots", "np.asarray"),
-    ("runtime/paged_cache.py", "PagedSequence.slots", "np.int64"),
+    ("runtime/paged_cache.py", "BlockTable.slots", "np.asarray"),
+    ("runtime/paged_cache.py", "BlockTable.slots", "np.int64"),
     ("runtime/paged_cache.py", "SequenceBatch._pad", "np.empty"),
     ("runtime/paged_cache.py", "SequenceBatch._pad", "np.int64"),
     ("runtime/paged_cache.py", "SequenceBatch._pad", "np.zeros"),
@@ -509,7 +507,8 @@ STEPS = 14
 
 def run_decode(folder: Path, backend: Any, kv_dtype: str, sampling: dict) -> tuple[list[int], list[int]]:
     """Tokens of a decode, and host_transfers after each yielded token."""
-    from runtime.generate import GenerationStats, decode_tokens
+    from runtime.engine import decode_tokens
+    from runtime.generate import GenerationStats
     from runtime.kv_cache import CacheSpec, KVCache
     from runtime.sampling import Sampler, SamplingParams
 

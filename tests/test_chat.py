@@ -395,3 +395,14 @@ def test_repl_blocks_continuations_save_and_load_in_a_terminal(tmp_path):
         child.close()
     assert first == len(runtime.load(progress=False).encode_prompt(APPLE_PEAR))
     assert reused >= cached - 2  # the loaded cache, not a prefill
+
+
+def test_a_chat_turn_runs_through_the_engine(model, monkeypatch):
+    from runtime.engine import Engine
+
+    steps = []
+    step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda engine: steps.append(1) or step(engine))
+    session = ChatSession(model, max_tokens=8)
+    reply = "".join(session.send("Say hi."))
+    assert reply and len(steps) >= session.last.generated_tokens

@@ -222,7 +222,8 @@ def test_decode_on_a_device_reads_only_the_token_ids(case, tmp_path):
 
     from loaders.safetensors import Checkpoint
     from runtime.backend import Backend, get_backend
-    from runtime.generate import GenerationStats, decode_tokens
+    from runtime.engine import decode_tokens
+    from runtime.generate import GenerationStats
     from runtime.kv_cache import new_cache
     from runtime.sampling import Sampler, SamplingParams
 

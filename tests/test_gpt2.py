@@ -214,7 +214,8 @@ def test_decode_on_a_stand_in_device_reads_only_token_ids(tiny) -> None:
     from loaders.safetensors import Checkpoint
     from models.gpt2 import GPT2, GPT2Config
     from runtime.backend import Backend, get_backend
-    from runtime.generate import GenerationStats, decode_tokens
+    from runtime.engine import decode_tokens
+    from runtime.generate import GenerationStats
     from runtime.kv_cache import CacheSpec, KVCache
     from runtime.sampling import Sampler, SamplingParams
     from test_backend import FakeDevice

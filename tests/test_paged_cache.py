@@ -24,7 +24,7 @@ import pytest
 import runtime
 from conftest import KV_TOLERANCE, load_net, prefill_logits
 from runtime.engine import Engine, Event, Request, wait_idle
-from runtime.paged_cache import BlockPool, PagedSequence, PoolSpec, SequenceBatch
+from runtime.paged_cache import BlockPool, PagedSequence, PoolSpec, SequenceBatch, new_pools
 from runtime.sampling import SamplingParams
 
 pytest.importorskip("transformers")
@@ -45,20 +45,24 @@ def _build(arch: str, tmp_path: Path) -> Path:
     return folder
 
 
-def _pool(net: Any, num_blocks: int, block_size: int = 16, kv_dtype: str = "float32") -> BlockPool:
+def _pools(net: Any, num_blocks: int, block_size: int = 16, kv_dtype: str = "float32") -> list[BlockPool]:
     c = net.config
-    return BlockPool(net.backend, PoolSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks,
-                                           block_size, kv_dtype))
+    return new_pools(net.backend, c.layer_windows(), c.num_key_value_heads, c.head_dim, num_blocks, block_size,
+                     kv_dtype)
 
 
-def _run_schedule(net: Any, pool: BlockPool, prompts: list[list[int]], joins: list[int], chunks: list[int],
+def _available(pools: list[BlockPool]) -> int:
+    return sum(p.available for p in pools)
+
+
+def _run_schedule(net: Any, pools: list[BlockPool], prompts: list[list[int]], joins: list[int], chunks: list[int],
                   reuse: bool = False) -> tuple[list[np.ndarray], list[int]]:
     """Feed each prompt through the pool in a shared batch: sequence i joins at step joins[i],
     feeds chunks of chunks[i] tokens for its first two chunks and then one token a step,
     and leaves when its prompt is fed. Returns each sequence's logits (one row per token
     fed) and how many tokens each took from the prefix cache."""
     windows = net.config.layer_windows()
-    seqs = [PagedSequence(pool, windows, 128) for _ in prompts]
+    seqs = [PagedSequence(pools, windows, 128) for _ in prompts]
     fed = [0] * len(prompts)
     reused = [0] * len(prompts)
     rows: list[list[np.ndarray]] = [[] for _ in prompts]
@@ -96,21 +100,21 @@ def test_batched_logits_equal_unbatched(arch: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (40, 23, 61, 9)]
     expected = [prefill_logits(net, spec, p) for p in prompts]
-    pool = _pool(net, 24)
-    start = pool.available
-    got, _ = _run_schedule(net, pool, prompts, joins=[0, 2, 3, 5], chunks=[10, 7, 20, 3])
+    pools = _pools(net, 24)
+    start = _available(pools)
+    got, _ = _run_schedule(net, pools, prompts, joins=[0, 2, 3, 5], chunks=[10, 7, 20, 3])
     for i, (g, e) in enumerate(zip(got, expected)):
         assert np.abs(g - e).max() <= 1e-4, f"sequence {i}"
-    assert pool.available == start
+    assert _available(pools) == start
 
     # the same prefixes again: full blocks come from the cache, the logits of the rest agree
     again = [prompts[0][:35] + rng.integers(0, VOCAB, 12).tolist(), prompts[2][:50] + [5, 6, 7]]
     expected = [prefill_logits(net, spec, p) for p in again]
-    got, reused = _run_schedule(net, pool, again, joins=[0, 1], chunks=[5, 6], reuse=True)
+    got, reused = _run_schedule(net, pools, again, joins=[0, 1], chunks=[5, 6], reuse=True)
     assert reused == [32, 48]
     for g, e, r in zip(got, expected, reused):
         assert np.abs(g - e[r:]).max() <= 1e-4
-    assert pool.available == start
+    assert _available(pools) == start
 
 
 @pytest.mark.parametrize("kv_dtype", ["float16", "int8"])
@@ -119,7 +123,7 @@ def test_batched_low_precision_pool_stays_close(kv_dtype: str, tmp_path: Path) -
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (40, 30)]
     expected = [prefill_logits(net, spec, p) for p in prompts]
-    got, _ = _run_schedule(net, _pool(net, 16, kv_dtype=kv_dtype), prompts, joins=[0, 1], chunks=[8, 5])
+    got, _ = _run_schedule(net, _pools(net, 16, kv_dtype=kv_dtype), prompts, joins=[0, 1], chunks=[8, 5])
     for g, e in zip(got, expected):
         assert np.isfinite(g).all()
         assert np.abs(g - e).max() <= KV_TOLERANCE[kv_dtype]
@@ -130,19 +134,58 @@ def test_window_model_gives_back_the_blocks_out_of_its_window(tmp_path: Path) ->
     net, spec = load_net(_build("mistral", tmp_path))
     prompt = np.random.default_rng(9).integers(0, VOCAB, 100).tolist()
     expected = prefill_logits(net, spec, prompt)
-    pool = _pool(net, 8, block_size=8)  # 64 slots for a 100-token sequence
-    seq = PagedSequence(pool, net.config.layer_windows(), 128)
+    pools = _pools(net, 8, block_size=8)  # 64 slots for a 100-token sequence
+    seq = PagedSequence(pools, net.config.layer_windows(), 128)
     rows, held = [], []
     for start in range(0, len(prompt), 4):
         chunk = prompt[start:start + 4]
         assert seq.reserve(len(chunk))
         out = net.forward(np.asarray(chunk), SequenceBatch(net.backend, [seq], [chunk]), all_logits=True)
         rows.append(net.backend.to_host(out))
-        held.append(len(seq.blocks) - seq._dropped)
+        held.append(seq.held)
     assert np.abs(np.concatenate(rows) - expected).max() <= 1e-4
     assert max(held) <= 5  # the 24-token window spans at most 4 blocks of 8, plus the one being filled
     seq.free()
-    assert pool.available == 8
+    assert _available(pools) == 8
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_hybrid_model_gives_back_its_window_layers_blocks(arch: str, tmp_path: Path) -> None:
+    # Gemma: 24-token windows on every other layer, full attention between them. The window
+    # layers' table holds about its window of blocks, the global layers' every token; the
+    # logits are the ring's, and both pools get their blocks back
+    net, spec = load_net(_build(arch, tmp_path))
+    kinds = list(dict.fromkeys(net.config.layer_windows()))
+    assert None in kinds and len(kinds) == 2
+    prompt = np.random.default_rng(11).integers(0, VOCAB, 100).tolist()
+    expected = prefill_logits(net, spec, prompt)
+    pools = _pools(net, 16, block_size=8)
+    seq = PagedSequence(pools, net.config.layer_windows(), 128)
+    window_table = seq.tables[kinds.index(24)]
+    full_table = seq.tables[kinds.index(None)]
+    rows, held = [], []
+    for start in range(0, len(prompt), 4):
+        chunk = prompt[start:start + 4]
+        assert seq.reserve(len(chunk))
+        out = net.forward(np.asarray(chunk), SequenceBatch(net.backend, [seq], [chunk]), all_logits=True)
+        rows.append(net.backend.to_host(out))
+        held.append(window_table.held)
+    assert np.abs(np.concatenate(rows) - expected).max() <= 1e-4
+    assert max(held) <= 5 and full_table.held == 13  # 100 tokens in blocks of 8
+    seq.free()
+    assert _available(pools) == 32
+
+    # a prefix found again: the window layers' blocks beyond their window are not needed
+    # to continue, and what follows agrees with one prefill of the whole
+    again = prompt[:80] + [1, 2, 3]
+    seq = PagedSequence(pools, net.config.layer_windows(), 128)
+    assert seq.reuse_prefix(again) == 80
+    assert window_table is not seq.tables[0] and seq.tables[kinds.index(24)].held <= 4
+    assert seq.reserve(3)
+    out = net.forward(np.asarray(again[80:]), SequenceBatch(net.backend, [seq], [again[80:]]), all_logits=True)
+    assert np.abs(net.backend.to_host(out) - prefill_logits(net, spec, again)[80:]).max() <= 1e-4
+    seq.free()
+    assert _available(pools) == 32
 
 
 # -- the block pool -------------------------------------------------------------------------
@@ -155,35 +198,35 @@ def _small_pool(num_blocks: int = 4, block_size: int = 4) -> BlockPool:
 
 def test_pool_blocks_come_back_and_cached_ones_go_lru() -> None:
     pool = _small_pool()
-    seq = PagedSequence(pool, [None], 16)
+    seq = PagedSequence([pool], [None], 16)
     assert seq.reserve(9) and len(seq.blocks) == 3 and pool.available == 1
     seq.begin(list(range(9)))
     seq.end()
     seq.free()
     assert pool.available == 4  # 2 named (full) blocks cached, 2 free
     assert len(pool.cached) == 2 and len(pool.free) == 2
-    other = PagedSequence(pool, [None], 16)
+    other = PagedSequence([pool], [None], 16)
     assert other.reserve(16)  # takes the 2 free blocks, then evicts the 2 cached ones, oldest first
     assert not pool.names and pool.available == 0
-    assert not PagedSequence(pool, [None], 16).reserve(1)  # none left: reserve says so
+    assert not PagedSequence([pool], [None], 16).reserve(1)  # none left: reserve says so
     other.free()
     assert pool.available == 4
 
 
 def test_prefix_found_only_for_the_same_tokens_and_parents() -> None:
     pool = _small_pool(num_blocks=8)
-    a = PagedSequence(pool, [None], 32)
+    a = PagedSequence([pool], [None], 32)
     ids = list(range(100, 112))
     assert a.reserve(12)
     a.begin(ids)
     a.end()
-    b = PagedSequence(pool, [None], 32)
+    b = PagedSequence([pool], [None], 32)
     assert b.reuse_prefix(ids + [1]) == 12 and b.blocks == a.blocks  # shared, referenced twice
     assert all(pool.refs[blk] == 2 for blk in a.blocks)
-    c = PagedSequence(pool, [None], 32)
+    c = PagedSequence([pool], [None], 32)
     # same second block, different first: the second is not found without its parent
     assert c.reuse_prefix([0, 0, 0, 0] + ids[4:] + [1]) == 0
-    d = PagedSequence(pool, [None], 32)
+    d = PagedSequence([pool], [None], 32)
     assert d.reuse_prefix(ids[:8]) == 4  # the last token is always left to prefill
     for s in (a, b, d):
         s.free()
@@ -233,19 +276,19 @@ def test_engine_greedy_equals_model_tokens(tiny_model: Any) -> None:
     prompts = _prompts(8)
     lengths = [3, 17, 9, 25, 1, 12, 30, 6]
     expected = [list(tiny_model.tokens(p, max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, lengths)]
-    engine = Engine(tiny_model, max_batch=8, step_tokens=16)
-    start = engine.pool.available
+    engine = Engine.for_model(tiny_model, max_batch=8, step_tokens=16)
+    start = engine.free_blocks
     got = _collect(engine, [Request(p, n) for p, n in zip(prompts, lengths)])
     assert [t for t, _ in got] == expected
     assert all(reason == "length" for _, reason in got)
-    assert engine.pool.available == start
+    assert engine.free_blocks == start
 
 
 def test_engine_seed_gives_the_same_tokens_alone_in_a_batch_and_from_the_cache(tiny_model: Any) -> None:
     prompts = _prompts(8, seed=6)
     params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i) for i in range(8)]
-    alone = [_collect(Engine(tiny_model, max_batch=1), [Request(p, 20, s)])[0][0] for p, s in zip(prompts, params)]
-    engine = Engine(tiny_model, max_batch=8, step_tokens=8)
+    alone = [_collect(Engine.for_model(tiny_model, max_batch=1), [Request(p, 20, s)])[0][0] for p, s in zip(prompts, params)]
+    engine = Engine.for_model(tiny_model, max_batch=8, step_tokens=8)
     batched = _collect(engine, [Request(p, 20, s) for p, s in zip(prompts, params)])
     assert [t for t, _ in batched] == alone
     # again on the same engine: full prefix blocks come from the cache
@@ -279,16 +322,16 @@ def test_engine_preempts_when_the_pool_runs_out_and_recomputes_the_same(tiny_mod
     params = [SamplingParams() for i in range(6)]
     expected = [list(tiny_model.tokens(p, max_tokens=40, ignore_eos=True)) for p in prompts]
     # 8 blocks of 16 slots for 6 sequences of up to 80 tokens: most must wait or be preempted
-    engine = Engine(tiny_model, max_batch=6, num_blocks=8, step_tokens=16, prefix_caching=False)
+    engine = Engine.for_model(tiny_model, max_batch=6, num_blocks=8, step_tokens=16, prefix_caching=False)
     got = _collect(engine, [Request(p, 40, s) for p, s in zip(prompts, params)])
     assert engine.preemptions > 0
     assert [t for t, _ in got] == expected
-    assert engine.pool.available == 8
+    assert engine.free_blocks == engine.total_blocks
 
 
 def test_engine_cancel_frees_the_blocks(tiny_model: Any) -> None:
-    engine = Engine(tiny_model, max_batch=4).start()
-    start = engine.pool.available
+    engine = Engine.for_model(tiny_model, max_batch=4).start()
+    start = engine.free_blocks
     events: list[Event] = []
     handle = engine.submit(Request(_prompts(1)[0], 100), events.append)
     while len(events) < 3:
@@ -297,12 +340,59 @@ def test_engine_cancel_frees_the_blocks(tiny_model: Any) -> None:
     wait_idle(engine)
     engine.stop()
     assert events[-1].finish_reason == "cancelled" and len(events) < 100
-    assert engine.pool.available == start
+    assert engine.free_blocks == start
 
 
 def test_engine_stop_id_ends_without_emitting_it(tiny_model: Any) -> None:
     prompt = _prompts(1, seed=8)[0]
     tokens = list(tiny_model.tokens(prompt, max_tokens=10, ignore_eos=True))
     stop = tokens[4]
-    got = _collect(Engine(tiny_model), [Request(prompt, 10, stop_ids=frozenset({stop}))])
+    got = _collect(Engine.for_model(tiny_model), [Request(prompt, 10, stop_ids=frozenset({stop}))])
     assert got[0] == (tokens[:tokens.index(stop)], "stop")
+
+
+def test_generate_runs_through_the_engine(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Model.tokens (generate, chat) is the engine stepping one sequence over its ring:
+    # the prompt in one step, then one step per token
+    steps: list[int] = []
+    step = Engine.step
+
+    def counted(engine: Engine) -> bool:
+        ran = step(engine)
+        steps.append(engine.steps)
+        return ran
+
+    monkeypatch.setattr(Engine, "step", counted)
+    tokens = list(tiny_model.tokens(_prompts(1, seed=9)[0], max_tokens=7, ignore_eos=True))
+    assert len(tokens) == 7 and steps == list(range(1, 8))
+    assert tiny_model.stats.generated_tokens == 7 and tiny_model.stats.decode_steps == 6
+
+
+def test_a_ring_sequence_runs_past_the_context_beside_pool_sequences(tiny_model: Any) -> None:
+    # the two stores behind one engine: a ring with sinks (what lets a chat run past its
+    # context) and pool blocks (which end at the context), stepped in the same engine
+    prompts = _prompts(4, seed=10)
+    long = 200  # past the model's context of 128: only the ring holds such a sequence
+    expected_ring = list(tiny_model.tokens(prompts[0], max_tokens=long, ignore_eos=True))
+    assert len(expected_ring) == long
+    expected = [list(tiny_model.tokens(p, max_tokens=30, ignore_eos=True)) for p in prompts[1:]]
+    engine = Engine.for_model(tiny_model, max_batch=4, step_tokens=16)
+    got: list[list[int]] = [[] for _ in prompts]
+    ends: list[str | None] = [None] * len(prompts)
+
+    def emit_for(i: int) -> Any:
+        def emit(event: Event) -> None:
+            if event.token is None:
+                ends[i] = event.finish_reason
+            else:
+                got[i].append(event.token)
+        return emit
+
+    engine.submit(Request(prompts[0], long), emit_for(0), cache=tiny_model.new_cache())
+    for i, p in enumerate(prompts[1:], 1):
+        engine.submit(Request(p, 30), emit_for(i))
+    while engine.step():
+        pass
+    assert got[0] == expected_ring and got[1:] == expected
+    assert ends == ["length"] * 4
+    assert engine.free_blocks == engine.total_blocks
