@@ -136,14 +136,8 @@ def test_window_model_gives_back_the_blocks_out_of_its_window(tmp_path: Path) ->
     expected = prefill_logits(net, spec, prompt)
     pools = _pools(net, 8, block_size=8)  # 64 slots for a 100-token sequence
     seq = PagedSequence(pools, net.config.layer_windows(), 128)
-    rows, held = [], []
-    for start in range(0, len(prompt), 4):
-        chunk = prompt[start:start + 4]
-        assert seq.reserve(len(chunk))
-        out = net.forward(np.asarray(chunk), SequenceBatch(net.backend, [seq], [chunk]), all_logits=True)
-        rows.append(net.backend.to_host(out))
-        held.append(seq.held)
-    assert np.abs(np.concatenate(rows) - expected).max() <= 1e-4
+    rows, held = _feed_in_chunks(net, seq, prompt, 4, lambda: seq.held)
+    assert np.abs(rows - expected).max() <= 1e-4
     assert max(held) <= 5  # the 24-token window spans at most 4 blocks of 8, plus the one being filled
     seq.free()
     assert _available(pools) == 8
@@ -163,14 +157,8 @@ def test_hybrid_model_gives_back_its_window_layers_blocks(arch: str, tmp_path: P
     seq = PagedSequence(pools, net.config.layer_windows(), 128)
     window_table = seq.tables[kinds.index(24)]
     full_table = seq.tables[kinds.index(None)]
-    rows, held = [], []
-    for start in range(0, len(prompt), 4):
-        chunk = prompt[start:start + 4]
-        assert seq.reserve(len(chunk))
-        out = net.forward(np.asarray(chunk), SequenceBatch(net.backend, [seq], [chunk]), all_logits=True)
-        rows.append(net.backend.to_host(out))
-        held.append(window_table.held)
-    assert np.abs(np.concatenate(rows) - expected).max() <= 1e-4
+    rows, held = _feed_in_chunks(net, seq, prompt, 4, lambda: window_table.held)
+    assert np.abs(rows - expected).max() <= 1e-4
     assert max(held) <= 5 and full_table.held == 13  # 100 tokens in blocks of 8
     seq.free()
     assert _available(pools) == 32
@@ -180,12 +168,30 @@ def test_hybrid_model_gives_back_its_window_layers_blocks(arch: str, tmp_path: P
     again = prompt[:80] + [1, 2, 3]
     seq = PagedSequence(pools, net.config.layer_windows(), 128)
     assert seq.reuse_prefix(again) == 80
-    assert window_table is not seq.tables[0] and seq.tables[kinds.index(24)].held <= 4
-    assert seq.reserve(3)
-    out = net.forward(np.asarray(again[80:]), SequenceBatch(net.backend, [seq], [again[80:]]), all_logits=True)
-    assert np.abs(net.backend.to_host(out) - prefill_logits(net, spec, again)[80:]).max() <= 1e-4
+    assert seq.tables[kinds.index(24)].held <= 4 and seq.tables[kinds.index(None)].held == 10
+    rows, _ = _feed_in_chunks(net, seq, again[80:], 3, lambda: 0)
+    assert np.abs(rows - prefill_logits(net, spec, again)[80:]).max() <= 1e-4
     seq.free()
     assert _available(pools) == 32
+
+    # the engine sizes the window pool for its running sequences' windows, not their contexts
+    engine = Engine(net, context=128, max_batch=2, num_blocks=64, step_tokens=8)
+    sizes = [p.spec.num_blocks for p in engine.pools]
+    assert sizes[kinds.index(None)] == 64 and sizes[kinds.index(24)] == 2 * (-(-(24 + 8) // 16) + 1)
+
+
+def _feed_in_chunks(net: Any, seq: PagedSequence, ids: list[int], size: int,
+                    held: Any) -> tuple[np.ndarray, list[int]]:
+    """ids through the model in chunks of `size` as a batch of one pool sequence: the
+    logits of every token, and held() after each chunk."""
+    rows, counts = [], []
+    for start in range(0, len(ids), size):
+        chunk = ids[start:start + size]
+        assert seq.reserve(len(chunk))
+        out = net.forward(np.asarray(chunk), SequenceBatch(net.backend, [seq], [chunk]), all_logits=True)
+        rows.append(net.backend.to_host(out))
+        counts.append(held())
+    return np.concatenate(rows), counts
 
 
 # -- the block pool -------------------------------------------------------------------------
