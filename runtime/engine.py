@@ -171,6 +171,9 @@ class Engine:
     def pools(self) -> list[BlockPool]:
         """The block pools, one per layer kind (runtime.paged_cache.new_pools), allocated on
         first use: an engine of ring sequences (decode_tokens) has none."""
+        return self._allocate_pools()
+
+    def _allocate_pools(self) -> list[BlockPool]:
         if self._pools is None:
             c = self.net.config
             self._pools = new_pools(self.backend, self.windows, c.num_key_value_heads, c.head_dim, self.num_blocks,
@@ -218,7 +221,10 @@ class Engine:
             self._work.notify()
 
     def start(self) -> "Engine":
-        """Run the steps on a daemon thread until `stop`."""
+        """Run the steps on a daemon thread until `stop`. The pools are allocated here, not
+        by the first request (which would stall a server's event loop while 377 MB are
+        written)."""
+        self._allocate_pools()
         self._thread = threading.Thread(target=self.run, name="nprt-engine", daemon=True)
         self._thread.start()
         return self
