@@ -3,7 +3,7 @@ concurrent streams, through `cli.py serve` over HTTP, next to llama.cpp's llama-
 on the same model and next to our single-stream decode.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/serve_bench.py \\
-        [--llama-batched-bench PATH --gguf MODEL-F32.gguf]
+        [--llama-batched-bench PATH] [--llama-server PATH] [--gguf MODEL-F32.gguf]
 
 Each stream is a text completion of 64 random prompt token ids and 64 generated tokens
 (ignore_eos), all streams sent at once, as llama-batched-bench's -npp 64 -ntg 64 -npl N.
@@ -15,7 +15,9 @@ Reported per concurrency:
   first token.
 The single-stream figure is Model.tokens alone (no server), 64 tokens after 64; "engine
 alone" is runtime.engine.Engine stepped in this process (no HTTP) over the same streams, its
-steady decode rate once every stream has its first token (the best of 3 runs).
+steady decode rate once every stream has its first token (the best of 3 runs). With
+--llama-server, the same HTTP streams go to llama.cpp's llama-server (-np N slots of 1,024
+tokens, continuous batching) on the F32 GGUF, with the clients on the same cores as ours.
 """
 
 from __future__ import annotations
@@ -45,12 +47,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch: int, llama_server: str | None = None, gguf: str | None = None
+                 ) -> tuple[subprocess.Popen, str]:
+    """Our `cli.py serve`, or llama.cpp's llama-server with as many slots (1,024 tokens each)."""
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--port", str(port), "--max-batch",
-                             str(max_batch), "--ctx", "1024"], cwd=REPO, stderr=subprocess.PIPE)
+    if llama_server:
+        command = [llama_server, "-m", gguf, "--port", str(port), "-np", str(max_batch), "-c",
+                   str(1024 * max_batch), "-t", str(os.cpu_count()), "--cont-batching"]
+    else:
+        command = [sys.executable, str(REPO / "cli.py"), "serve", "--port", str(port), "--max-batch",
+                   str(max_batch), "--ctx", "1024"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -149,7 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", default="1,4,8,16")
     parser.add_argument("--llama-batched-bench", help="path of llama.cpp's llama-batched-bench")
-    parser.add_argument("--gguf", help="the default model as an F32 GGUF, for llama-batched-bench")
+    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server: the same HTTP streams against it")
+    parser.add_argument("--gguf", help="the default model as an F32 GGUF, for llama.cpp's tools")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     try:
@@ -167,16 +177,26 @@ def main() -> None:
         proc.terminate()
         proc.wait()
     llama = llama_batched(args.llama_batched_bench, args.gguf, levels) if args.llama_batched_bench else {}
+    theirs_http = {}
+    if args.llama_server:
+        proc, url = start_server(max(levels), args.llama_server, args.gguf)
+        try:
+            run_level(url, 2, np.random.default_rng(0))
+            theirs_http = {n: run_level(url, n, np.random.default_rng(n)) for n in levels}
+        finally:
+            proc.terminate()
+            proc.wait()
     print(f"single stream (Model.tokens, {GENERATED} after {PROMPT}): {alone:.1f} tokens/s\n")
-    print("| streams | decode tokens/s | x single | engine alone | x single | llama.cpp F32 S_TG | whole tokens/s "
-          "| TPOT p50 / p99 ms | TTFT p50 s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| streams | decode tokens/s | x single | engine alone | x single | llama.cpp F32 S_TG "
+          "| llama-server F32 (HTTP) | whole tokens/s | TPOT p50 / p99 ms | TTFT p50 s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        theirs = llama.get(r["streams"])
-        own = engine[r["streams"]]
-        print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['decode_tps'] / alone:.2f}x | {own:.1f} | "
-              f"{own / alone:.2f}x | "
-              f"{f'{theirs:.1f}' if theirs else '-'} | {r['whole_tps']:.1f} | "
+        n = r["streams"]
+        own = engine[n]
+        batched = f"{llama[n]:.1f}" if n in llama else "-"
+        served = f"{theirs_http[n]['decode_tps']:.1f}" if n in theirs_http else "-"
+        print(f"| {n} | {r['decode_tps']:.1f} | {r['decode_tps'] / alone:.2f}x | {own:.1f} | {own / alone:.2f}x | "
+              f"{batched} | {served} | {r['whole_tps']:.1f} | "
               f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['ttft_p50_s']:.2f} |")
 
 
