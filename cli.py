@@ -292,7 +292,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(summary_row))
         return 0
     name = f"{model.model_type} {model.backend.dtype} kv={result.kv_dtype} ctx={result.context}"
-    print(f"| model | test | tokens/s | first token s |\n|---|---|---|---|")
+    print("| model | test | tokens/s | first token s |\n|---|---|---|---|")
     if args.n_prompt:
         print(f"| {name} | pp{args.n_prompt} | {summary_row['prefill_tps_mean']:.1f} ± {summary_row['prefill_tps_std']:.1f} "
               f"| {summary_row['first_token_s_mean']:.3f} |")

@@ -36,7 +36,7 @@ class Qwen2(Llama):
     @classmethod
     def expected_shapes(cls, c: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes = super().expected_shapes(c)
-        q, kv, d = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.head_dim
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         for n in range(c.num_hidden_layers):
             p = f"model.layers.{n}.self_attn."
             shapes.update({p + "q_proj.bias": (q,), p + "k_proj.bias": (kv,), p + "v_proj.bias": (kv,)})

@@ -9,7 +9,6 @@ turn the token ids into text.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
