@@ -258,10 +258,11 @@ class Engine:
         batch = self._plan()
         if not batch:
             return False
-        paged = [(s, c) for s, c in batch if s.paged is not None]
         # the pool's sequences in one call; a ring sequence (decode_tokens) in its own
-        calls = ([(paged, SequenceBatch(self.backend, [s.paged for s, _ in paged], [c for _, c in paged]))]
-                 if paged else []) + [([(s, c)], s.ring) for s, c in batch if s.paged is None]
+        calls = [([(s, c)], s.ring) for s, c in batch if s.ring is not None]
+        paged = [(s, c) for s, c in batch if s.paged is not None]
+        if paged:
+            calls.append((paged, SequenceBatch(self.backend, [s.paged for s, _ in paged], [c for _, c in paged])))
         for part, cache in calls:
             tokens = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in part])
             try:

@@ -171,31 +171,24 @@ class BlockTable:
             self.blocks.append(block)
         return True
 
-    def find_prefix(self, ids: Sequence[int], limit: int) -> int:
-        """Take the cached full blocks, up to `limit`, that `ids` starts with; returns how many."""
-        bs = self.pool.block_size
-        name: Hashable = None
-        for start in range(0, limit * bs, bs):
-            candidate = (name, tuple(ids[start:start + bs]))
-            block = self.pool.find(candidate)
+    def find_prefix(self, names: Sequence[Hashable]) -> int:
+        """Take the cached blocks named by `names` (a prefix's, block by block) while they
+        are found; returns how many."""
+        for name in names:
+            block = self.pool.find(name)
             if block is None:
                 break
-            name = candidate
             self.blocks.append(block)
-        self.named = len(self.blocks)
-        self.prefix = name
+        self.keep(len(self.blocks), names)
         return len(self.blocks)
 
-    def keep(self, n_blocks: int, ids: Sequence[int]) -> None:
-        """Give back the blocks found past the first n_blocks (another kind found fewer)."""
+    def keep(self, n_blocks: int, names: Sequence[Hashable]) -> None:
+        """Keep the first n_blocks found (another kind found fewer), giving back the rest."""
         for block in self.blocks[n_blocks:]:
             self.pool.release(block)
         del self.blocks[n_blocks:]
-        self.named = len(self.blocks)
-        bs = self.pool.block_size
-        self.prefix = None
-        for i in range(n_blocks):
-            self.prefix = (self.prefix, tuple(ids[i * bs:(i + 1) * bs]))
+        self.named = n_blocks
+        self.prefix = names[n_blocks - 1] if n_blocks else None
 
     def name_full(self, tokens: Sequence[int], offset: int) -> None:
         """Name the blocks that just became full: a later prompt with this prefix reuses them."""
@@ -203,8 +196,7 @@ class BlockTable:
         while self.named < offset // bs:
             i = self.named
             self.prefix = (self.prefix, tuple(tokens[i * bs:(i + 1) * bs]))
-            if i >= self.dropped:
-                self.pool.name(self.blocks[i], self.prefix)  # kept by another block if it has it
+            self.pool.name(self.blocks[i], self.prefix)  # kept by another block if it has it
             self.named += 1
 
     def drop_out_of_window(self, offset: int) -> None:
@@ -275,12 +267,16 @@ class PagedSequence:
         """Take the cached full blocks `ids` starts with, in every kind; returns the tokens
         reused. At least the last token is left to prefill, since its logits are needed."""
         assert not self.offset and not any(t.blocks for t in self.tables), "only a new sequence reuses a prefix"
-        limit = (len(ids) - 1) // self.block_size
+        bs = self.block_size
+        names: list[Hashable] = []  # each full block's name: its tokens and the name before it
+        for start in range(0, (len(ids) - 1) // bs * bs, bs):
+            names.append((names[-1] if names else None, tuple(ids[start:start + bs])))
+        found = len(names)
         for table in self.tables:
-            limit = min(limit, table.find_prefix(ids, limit))
+            found = min(found, table.find_prefix(names[:found]))
         for table in self.tables:
-            table.keep(limit, ids)
-        self.offset = limit * self.block_size
+            table.keep(found, names)
+        self.offset = found * bs
         self.tokens = list(ids[:self.offset])
         for table in self.tables:
             table.drop_out_of_window(self.offset)
