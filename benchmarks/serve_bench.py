@@ -29,6 +29,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -59,7 +60,10 @@ def start_server(max_batch: int, llama_server: str | None = None, gguf: str | No
     else:
         command = [sys.executable, str(REPO / "cli.py"), "serve", "--port", str(port), "--max-batch",
                    str(max_batch), "--ctx", "1024"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe nobody reads: llama-server logs every request, and a full
+    # pipe would stall it mid-benchmark
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -69,7 +73,8 @@ def start_server(max_batch: int, llama_server: str | None = None, gguf: str | No
             pass
         time.sleep(0.1)
     proc.kill()
-    raise SystemExit("the server did not come up: " + proc.stderr.read().decode()[-2000:])
+    log.seek(0)
+    raise SystemExit("the server did not come up: " + log.read().decode(errors="replace")[-2000:])
 
 
 def one_stream(url: str, prompt: list[int], start: threading.Event, times: list[float]) -> None:
