@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+import runtime  # noqa: F401 - first: it picks OpenBLAS's kernels before NumPy loads (runtime.blas)
 from loaders.errors import ModelError
 
 KV_DTYPES = ("float32", "float16", "int8")

@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import runtime  # noqa: E402,F401 - before NumPy: it picks OpenBLAS's kernels (runtime.blas)
+import numpy as np  # noqa: E402
 from models.layers import linear  # noqa: E402
 from runtime.backend import get_backend  # noqa: E402
 

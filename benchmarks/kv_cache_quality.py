@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import runtime  # noqa: E402
+import runtime  # noqa: E402,F401 - before NumPy: it picks OpenBLAS's kernels (runtime.blas)
+import numpy as np  # noqa: E402
 from runtime import kv_cache, perplexity  # noqa: E402
 from runtime.generate import prefill  # noqa: E402
 

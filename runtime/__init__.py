@@ -12,6 +12,10 @@ importing runtime.model here eagerly would make the two packages import each oth
 from importlib import import_module
 from typing import Any
 
+from runtime import blas
+
+blas.choose_kernels()  # before anything imports NumPy (runtime.blas)
+
 _EXPORTS = {
     "load": "runtime.model", "Model": "runtime.model",
     "KVCache": "runtime.kv_cache", "CacheSpec": "runtime.kv_cache",

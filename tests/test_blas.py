@@ -1,0 +1,51 @@
+"""OpenBLAS's kernels: Haswell's named on Zen 4, nothing named elsewhere or over a user's choice.
+
+The cpuinfo texts are the first lines of real /proc/cpuinfo blocks (flags cut to the
+ones that matter); the wiring is checked in a fresh interpreter, against what
+threadpoolctl reports OpenBLAS loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from runtime.blas import preferred_coretype
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu avx2 fma avx512f avx512bw\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n"
+ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu avx2 fma\n"
+ZEN5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu avx2 fma avx512f\n"
+SKYLAKE_X = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 85\nflags\t\t: fpu avx2 fma avx512f\n"
+
+
+def test_haswell_kernels_are_named_only_on_zen4() -> None:
+    assert preferred_coretype(ZEN4) == "Haswell"
+    # OpenBLAS already picks Haswell's on Zen 3; Zen 5 and Intel's AVX-512 are not measured
+    assert [preferred_coretype(t) for t in (ZEN3, ZEN5, SKYLAKE_X, "")] == [None] * 4
+
+
+def _loaded_core(env: dict[str, str]) -> tuple[str | None, str]:
+    code = ("import os, runtime, numpy, threadpoolctl, json; "
+            "print(json.dumps([os.environ.get('OPENBLAS_CORETYPE'), "
+            "[i.get('architecture') for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'][0]]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout))
+
+
+def test_importing_runtime_first_loads_the_kernels_chosen() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        chosen = preferred_coretype(f.read())
+    named, loaded = _loaded_core(env)
+    assert named == chosen
+    if chosen is not None:
+        assert loaded == chosen
+
+
+def test_a_users_coretype_is_kept() -> None:
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Sandybridge"}
+    named, loaded = _loaded_core(env)
+    assert (named, loaded) == ("Sandybridge", "Sandybridge")
