@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -66,16 +67,49 @@ def resolve_model(model: str | os.PathLike | None, progress: bool = True) -> Pat
 
 
 def converted(gguf_path: Path, progress: bool) -> Path:
-    """The cached HF folder for a GGUF file, converting it on first use."""
+    """The cached HF folder for a GGUF file, converting it on first use.
+
+    The folder is named by the file's content, so the same GGUF found in two places
+    (the default model in two clones' virtual environments) is converted, and
+    stored, once."""
     gguf_path = gguf_path.resolve()
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{content_hash(gguf_path)}:{CONVERSION}".encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (out / "config.json").is_file():
         return out
     from loaders.gguf import convert_gguf_to_hf  # noqa: PLC0415  (only needed once)
 
     return convert_gguf_to_hf(gguf_path, out, progress=progress)
+
+
+def content_hash(path: Path) -> str:
+    """The file's SHA-256, read once per path, size and modification time: the hashes
+    are remembered in the cache's models/hashes.json, so a later load does not read the
+    whole file again (a 4 GB GGUF takes seconds)."""
+    stat = path.stat()
+    seen = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    index = cache_dir() / "models" / "hashes.json"
+    try:
+        known = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}  # none yet, or unreadable: hashing again is only slower
+    if isinstance(known.get(seen), str):
+        return known[seen]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    known[seen] = digest.hexdigest()
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        partial = index.with_suffix(f".{os.getpid()}.tmp")  # whole or not at all, beside other processes
+        partial.write_text(json.dumps(known, indent=0), encoding="utf-8")
+        os.replace(partial, index)
+    except OSError:
+        pass  # a read-only cache still converts; the hash is made again next time
+    return known[seen]
 
 
 def _looks_like_hub_id(text: str) -> bool:

@@ -499,3 +499,29 @@ def test_our_runtime_runs_a_converted_gguf(tmp_path: Path, arch: str, tied: bool
     assert type(net).__name__ == {"llama": "Llama", "qwen2": "Qwen2"}[arch]
     ids = [5, 9, 100, 200, 3, 7, 11, 42]
     assert np.abs(prefill_logits(net, spec, ids) - hf_logits(reference, ids)).max() <= 1e-4
+
+
+def test_the_same_gguf_in_two_places_is_converted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two clones' copies of the default model share one converted folder (it is named by the
+    file's SHA-256); a file with other content gets its own."""
+    import hashlib
+    import os
+
+    from loaders import resolve
+
+    monkeypatch.setenv("NPRT_CACHE", str(tmp_path / "cache"))
+    conversions = []
+    real = lg.convert_gguf_to_hf
+    monkeypatch.setattr(lg, "convert_gguf_to_hf", lambda *a, **k: conversions.append(a[0]) or real(*a, **k))
+    first, second, other = (tmp_path / d / "model.gguf" for d in ("clone-a", "clone-b", "clone-c"))
+    for path in (first, second, other):
+        path.parent.mkdir()
+    _write_gguf(first)
+    shutil.copyfile(first, second)
+    os.utime(second, ns=(1, 1))  # a different time too: only the content names the folder
+    _write_gguf(other, seed=1)
+    folders = [resolve.resolve_model(p, progress=False) for p in (first, second, other, first)]
+    assert folders[0] == folders[1] == folders[3] != folders[2]
+    assert conversions == [first, other]
+    hashes = json.loads((tmp_path / "cache" / "models" / "hashes.json").read_text())
+    assert sorted(set(hashes.values())) == sorted({hashlib.sha256(p.read_bytes()).hexdigest() for p in (first, other)})
