@@ -11,7 +11,7 @@ What llama.cpp's converter does has to be undone:
 - for the llama family it interleaves the rows of each q/k head so that rotary pairs are adjacent
   (Meta's original layout); HF pairs dimension i with i + head_dim/2 instead;
 - per architecture (`_ARCHS`): its own tensor names, Gemma's norms stored as 1 + w, GPT-2's Conv1D
-  weights transposed, metadata keys that become config.json keys (`_ARCH_CONFIG`), and where the
+  weights transposed, metadata keys that become config.json keys (`extra_config`), and where the
   file is silent, llama.cpp's own defaults for that architecture;
 - the tokenizer exists only as vocab/merges/scores/token-type arrays plus a `pre` name standing
   for the pre-tokenizer regex, so the `tokenizer.json` it came from is rebuilt from those (BPE
@@ -96,19 +96,10 @@ class _Arch:
     permuted_qk: bool = False  # q/k rows interleaved per head (see module docstring)
     norm_shift: bool = False   # Gemma's norms were written as 1 + w
     conv1d: bool = False       # GPT-2's HF weights are (in, out); the converter transposed them
+    # what its config.json holds beyond a Llama's, read from the metadata (not GPT-2's: its own config)
+    extra_config: Callable[[GGUFReader, "_Meta", str, dict[str, Any]], None] | None = None
 
 
-_ARCHS: dict[str, _Arch] = {
-    "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCKS, permuted_qk=True),
-    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCKS),  # its HF class always has q/k/v biases
-    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCKS, **_QK_NORMS}),
-    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCKS, norm_shift=True),
-    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCKS, **_QK_NORMS}, norm_shift=True),
-    "phi3": _Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCKS),
-    "gpt2": _Arch("gpt2", "GPT2LMHeadModel", _GPT2_BLOCKS, _GPT2_GLOBALS, layers="transformer.h", conv1d=True),
-}
-# Mistral has no architecture of its own in GGUF: llama.cpp's converter writes it as "llama".
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -800,7 +791,7 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
         config = _gpt2_config(meta, a, vocab, tied)
     else:
         config = _decoder_config(reader, meta, a, arch, vocab, tied)
-        _ARCH_CONFIG.get(arch.model_type, _bias_flags)(reader, meta, a, config)
+        (arch.extra_config or _bias_flags)(reader, meta, a, config)
 
     n_vocab = len(tokens) if tokens is not None else vocab
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
@@ -918,8 +909,19 @@ def _gemma_config(reader: GGUFReader, meta: _Meta, a: str, config: dict[str, Any
         config["rope_local_base_freq"] = meta.get_float(f"{a}.rope.freq_base_swa", 10000.0)
 
 
-_ARCH_CONFIG: dict[str, Callable[[GGUFReader, _Meta, str, dict[str, Any]], None]] = {
-    "qwen2": _qwen2_config, "phi3": _phi3_config, "gemma2": _gemma_config, "gemma3_text": _gemma_config}
+_ARCHS: dict[str, _Arch] = {
+    "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCKS, permuted_qk=True),
+    # Qwen2's HF class always has q/k/v biases: no bias flags in its config
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCKS, extra_config=_qwen2_config),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCKS, **_QK_NORMS}),
+    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCKS, norm_shift=True, extra_config=_gemma_config),
+    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCKS, **_QK_NORMS}, norm_shift=True,
+                     extra_config=_gemma_config),
+    "phi3": _Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCKS, extra_config=_phi3_config),
+    "gpt2": _Arch("gpt2", "GPT2LMHeadModel", _GPT2_BLOCKS, _GPT2_GLOBALS, layers="transformer.h", conv1d=True),
+}
+# Mistral has no architecture of its own in GGUF: llama.cpp's converter writes it as "llama".
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
 
 
 def _gpt2_config(meta: _Meta, a: str, vocab: int, tied: bool) -> dict[str, Any]:
