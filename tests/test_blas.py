@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 from runtime.blas import preferred_coretype
@@ -27,18 +28,19 @@ def test_haswell_kernels_are_named_only_on_zen4() -> None:
     assert [preferred_coretype(t) for t in (ZEN3, ZEN5, SKYLAKE_X, "")] == [None] * 4
 
 
-def _loaded_core(env: dict[str, str]) -> tuple[str | None, str]:
+def _loaded_core(env: dict[str, str]) -> tuple[str | None, str | None]:
     code = ("import os, runtime, numpy, threadpoolctl, json; "
             "print(json.dumps([os.environ.get('OPENBLAS_CORETYPE'), "
-            "[i.get('architecture') for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'][0]]))")
+            "next((i.get('architecture') for i in threadpoolctl.threadpool_info() "
+            "if i['internal_api'] == 'openblas'), None)]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return tuple(json.loads(out.stdout))
 
 
 def test_importing_runtime_first_loads_the_kernels_chosen() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        chosen = preferred_coretype(f.read())
+    cpuinfo = Path("/proc/cpuinfo")
+    chosen = preferred_coretype(cpuinfo.read_text(encoding="utf-8")) if cpuinfo.exists() else None
     named, loaded = _loaded_core(env)
     assert named == chosen
     if chosen is not None:
@@ -48,4 +50,4 @@ def test_importing_runtime_first_loads_the_kernels_chosen() -> None:
 def test_a_users_coretype_is_kept() -> None:
     env = {**os.environ, "OPENBLAS_CORETYPE": "Sandybridge"}
     named, loaded = _loaded_core(env)
-    assert (named, loaded) == ("Sandybridge", "Sandybridge")
+    assert named == "Sandybridge" and loaded in ("Sandybridge", None)  # None: NumPy on another BLAS
