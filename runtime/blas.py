@@ -39,11 +39,23 @@ def choose_kernels() -> str | None:
     """Set OPENBLAS_CORETYPE for this CPU if it helps and is still possible; the core set, if any."""
     if "OPENBLAS_CORETYPE" in os.environ or "numpy" in sys.modules:
         return None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            core = preferred_coretype(f.read())
-    except OSError:  # not Linux
-        return None
+    core = _preferred_here()
     if core is not None:
         os.environ["OPENBLAS_CORETYPE"] = core
     return core
+
+
+def worker_environment() -> dict[str, str]:
+    """OPENBLAS_CORETYPE for a process started from here (a Ray Serve replica, whose worker
+    has imported NumPy before the runtime): the one set here, by the user or by
+    choose_kernels, else this CPU's own."""
+    core = os.environ.get("OPENBLAS_CORETYPE") or _preferred_here()
+    return {"OPENBLAS_CORETYPE": core} if core else {}
+
+
+def _preferred_here() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return preferred_coretype(f.read())
+    except OSError:  # not Linux
+        return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from loaders.errors import ModelError
+from runtime import blas
 
 try:
     from ray import serve
@@ -60,8 +61,12 @@ def build(args: dict[str, str]) -> Any:
             raise ModelError(f"{key}={value!r}: expected a {kind.__name__}") from None
     replicas = settings.pop("replicas", 1)
     cpus = settings.pop("cpus", 1.0)
+    options: dict[str, Any] = {"num_cpus": cpus}
+    env = blas.worker_environment()  # this machine's, as the documented cluster is this machine
+    if env:
+        options["runtime_env"] = {"env_vars": env}
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus},
+    @serve.deployment(num_replicas=replicas, ray_actor_options=options,
                       max_ongoing_requests=settings.get("max_waiting", 256) + settings.get("max_batch", 8))
     @serve.ingress(lambda: asgi_app(settings))
     class NprtServer:

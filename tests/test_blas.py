@@ -51,3 +51,17 @@ def test_a_users_coretype_is_kept() -> None:
     env = {**os.environ, "OPENBLAS_CORETYPE": "Sandybridge"}
     named, loaded = _loaded_core(env)
     assert named == "Sandybridge" and loaded in ("Sandybridge", None)  # None: NumPy on another BLAS
+
+
+def test_a_ray_replica_is_handed_the_choice(monkeypatch) -> None:
+    """The replicas' workers import NumPy before the runtime, so the deployment passes them the
+    core: the one set here, else this CPU's."""
+    from runtime import blas
+
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Sandybridge")
+    assert blas.worker_environment() == {"OPENBLAS_CORETYPE": "Sandybridge"}
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    monkeypatch.setattr(blas, "_preferred_here", lambda: "Haswell")
+    assert blas.worker_environment() == {"OPENBLAS_CORETYPE": "Haswell"}
+    monkeypatch.setattr(blas, "_preferred_here", lambda: None)
+    assert blas.worker_environment() == {}
