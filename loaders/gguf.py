@@ -100,7 +100,6 @@ class _Arch:
     extra_config: Callable[[GGUFReader, "_Meta", str, dict[str, Any]], None] | None = None
 
 
-
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 # llama.cpp precomputes Llama-3.x RoPE scaling into this tensor instead of writing metadata.
