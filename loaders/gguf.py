@@ -11,8 +11,8 @@ What llama.cpp's converter does has to be undone:
 - for the llama family it interleaves the rows of each q/k head so that rotary pairs are adjacent
   (Meta's original layout); HF pairs dimension i with i + head_dim/2 instead;
 - per architecture (`_ARCHS`): its own tensor names, Gemma's norms stored as 1 + w, GPT-2's Conv1D
-  weights transposed, metadata keys that become config.json keys (`extra_config`), and where the
-  file is silent, llama.cpp's own defaults for that architecture;
+  weights transposed, metadata keys that become config.json keys (`extra_config`; GPT-2's config
+  of its own vocabulary: `own_config`), and where the file is silent, llama.cpp's own defaults;
 - the tokenizer exists only as vocab/merges/scores/token-type arrays plus a `pre` name standing
   for the pre-tokenizer regex, so the `tokenizer.json` it came from is rebuilt from those (BPE
   for "gpt2" vocabularies, score-ranked BPE with byte fallback for SentencePiece-style "llama" ones).
@@ -96,8 +96,11 @@ class _Arch:
     permuted_qk: bool = False  # q/k rows interleaved per head (see module docstring)
     norm_shift: bool = False   # Gemma's norms were written as 1 + w
     conv1d: bool = False       # GPT-2's HF weights are (in, out); the converter transposed them
-    # what its config.json holds beyond a Llama's, read from the metadata (not GPT-2's: its own config)
+    # what its config.json holds beyond a Llama's, read from the metadata
     extra_config: Callable[[GGUFReader, "_Meta", str, dict[str, Any]], None] | None = None
+    # a config.json of its own vocabulary (GPT-2's n_embd, n_layer, ...) instead of a Llama's:
+    # built from (metadata, architecture name, vocab size, tied) alone, checked by its model class
+    own_config: Callable[["_Meta", str, int, bool], dict[str, Any]] | None = None
 
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -772,7 +775,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     config = _build_config(reader, meta, arch_name, arch)
     tokenizer_config, generation_config = _build_tokenizer_configs(meta, config)
     plans = _plan_tensors(reader, meta, arch, config)
-    if arch.model_type != "gpt2":  # GPT-2's own config class checks it when the model loads
+    if arch.own_config is None:  # an own config is checked by its model's config class at load
         ModelConfig.from_dict(config, source=f"{path} (metadata as config.json)")  # eps, theta, ... as load() will
     return GGUFModel(path, config, tokenizer_config, generation_config, reader, meta, plans)
 
@@ -786,8 +789,8 @@ def _build_config(reader: GGUFReader, meta: _Meta, a: str, arch: _Arch) -> dict[
     if vocab is None:
         vocab = len(tokens) if tokens is not None else 0  # no embedding: _plan_tensors reports it
     tied = "output.weight" not in tensor_names
-    if arch.model_type == "gpt2":
-        config = _gpt2_config(meta, a, vocab, tied)
+    if arch.own_config is not None:
+        config = arch.own_config(meta, a, vocab, tied)
     else:
         config = _decoder_config(reader, meta, a, arch, vocab, tied)
         (arch.extra_config or _bias_flags)(reader, meta, a, config)
@@ -908,21 +911,6 @@ def _gemma_config(reader: GGUFReader, meta: _Meta, a: str, config: dict[str, Any
         config["rope_local_base_freq"] = meta.get_float(f"{a}.rope.freq_base_swa", 10000.0)
 
 
-_ARCHS: dict[str, _Arch] = {
-    "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCKS, permuted_qk=True),
-    # Qwen2's HF class always has q/k/v biases: no bias flags in its config
-    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCKS, extra_config=_qwen2_config),
-    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCKS, **_QK_NORMS}),
-    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCKS, norm_shift=True, extra_config=_gemma_config),
-    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCKS, **_QK_NORMS}, norm_shift=True,
-                     extra_config=_gemma_config),
-    "phi3": _Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCKS, extra_config=_phi3_config),
-    "gpt2": _Arch("gpt2", "GPT2LMHeadModel", _GPT2_BLOCKS, _GPT2_GLOBALS, layers="transformer.h", conv1d=True),
-}
-# Mistral has no architecture of its own in GGUF: llama.cpp's converter writes it as "llama".
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
-
-
 def _gpt2_config(meta: _Meta, a: str, vocab: int, tied: bool) -> dict[str, Any]:
     """GPT-2 keeps its own config.json vocabulary (n_embd, n_layer, ...)."""
     heads, hidden = meta.get_size(f"{a}.attention.head_count"), meta.get_size(f"{a}.embedding_length")
@@ -945,6 +933,22 @@ def _gpt2_config(meta: _Meta, a: str, vocab: int, tied: bool) -> dict[str, Any]:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+
+
+_ARCHS: dict[str, _Arch] = {
+    "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCKS, permuted_qk=True),
+    # Qwen2's HF class always has q/k/v biases: no bias flags in its config
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCKS, extra_config=_qwen2_config),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCKS, **_QK_NORMS}),
+    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCKS, norm_shift=True, extra_config=_gemma_config),
+    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCKS, **_QK_NORMS}, norm_shift=True,
+                     extra_config=_gemma_config),
+    "phi3": _Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCKS, extra_config=_phi3_config),
+    "gpt2": _Arch("gpt2", "GPT2LMHeadModel", _GPT2_BLOCKS, _GPT2_GLOBALS, layers="transformer.h", conv1d=True,
+                   own_config=_gpt2_config),
+}
+# Mistral has no architecture of its own in GGUF: llama.cpp's converter writes it as "llama".
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
 
 
 def _build_tokenizer_configs(meta: _Meta, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
