@@ -3,7 +3,8 @@ concurrent streams, through `cli.py serve` over HTTP, next to llama.cpp's llama-
 on the same model and next to our single-stream decode.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/serve_bench.py \\
-        [--llama-batched-bench PATH] [--llama-server PATH] [--gguf MODEL-F32.gguf]
+        [--llama-batched-bench PATH] [--llama-server PATH] [--gguf MODEL-F32.gguf] \\
+        [--step-tokens N] [--no-single]
 
 Each stream is a text completion of 64 random prompt token ids and 64 generated tokens
 (ignore_eos), all streams sent at once, as llama-batched-bench's -npp 64 -ntg 64 -npl N.
@@ -17,7 +18,9 @@ The single-stream figure is Model.tokens alone (no server), 64 tokens after 64; 
 alone" is runtime.engine.Engine stepped in this process (no HTTP) over the same streams, its
 steady decode rate once every stream has its first token (the best of 3 runs). With
 --llama-server, the same HTTP streams go to llama.cpp's llama-server (-np N slots of 1,024
-tokens, continuous batching) on the F32 GGUF, with the clients on the same cores as ours.
+tokens, continuous batching) on the F32 GGUF, with the clients on the same cores as ours, and
+its time per output token next to ours. --step-tokens sets our engine's prompt chunk budget
+(`serve --step-tokens`); --no-single runs only the HTTP streams.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(max_batch: int, llama_server: str | None = None, gguf: str | None = None
-                 ) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch: int, llama_server: str | None = None, gguf: str | None = None,
+                 step_tokens: int | None = None) -> tuple[subprocess.Popen, str]:
     """Our `cli.py serve`, or llama.cpp's llama-server with as many slots (1,024 tokens each)."""
     import httpx
 
@@ -60,7 +63,7 @@ def start_server(max_batch: int, llama_server: str | None = None, gguf: str | No
                    str(1024 * max_batch), "-t", str(os.cpu_count()), "--cont-batching"]
     else:
         command = [sys.executable, str(REPO / "cli.py"), "serve", "--port", str(port), "--max-batch",
-                   str(max_batch), "--ctx", "1024"]
+                   str(max_batch), "--ctx", "1024"] + (["--step-tokens", str(step_tokens)] if step_tokens else [])
     # stderr to a file, not a pipe nobody reads: llama-server logs every request, and a full
     # pipe would stall it mid-benchmark
     log = tempfile.TemporaryFile()
@@ -125,12 +128,13 @@ def single_stream() -> float:
     return float(np.median(rates))
 
 
-def engine_alone(levels: list[int]) -> dict[int, float]:
+def engine_alone(levels: list[int], step_tokens: int | None = None) -> dict[int, float]:
     import runtime
     from runtime.engine import Engine, Request
 
     model = runtime.load(max_context=1024, progress=False)
-    engine = Engine.for_model(model, max_batch=max(levels), context=1024)
+    options = {"step_tokens": step_tokens} if step_tokens else {}
+    engine = Engine.for_model(model, max_batch=max(levels), context=1024, **options)
     rng = np.random.default_rng(2)
     rates = {}
     for n in levels:
@@ -166,6 +170,9 @@ def main() -> None:
     parser.add_argument("--llama-batched-bench", help="path of llama.cpp's llama-batched-bench")
     parser.add_argument("--llama-server", help="path of llama.cpp's llama-server: the same HTTP streams against it")
     parser.add_argument("--gguf", help="the default model as an F32 GGUF, for llama.cpp's tools")
+    parser.add_argument("--step-tokens", type=int, help="our engine's prompt chunk budget per step "
+                        "(`serve --step-tokens`; default the engine's)")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-stream and engine-alone runs")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     try:
@@ -173,9 +180,9 @@ def main() -> None:
         print("BLAS:", [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()])
     except ImportError:
         pass
-    alone = single_stream()
-    engine = engine_alone(levels)
-    proc, url = start_server(max(levels))
+    alone = float("nan") if args.no_single else single_stream()
+    engine = {n: float("nan") for n in levels} if args.no_single else engine_alone(levels, args.step_tokens)
+    proc, url = start_server(max(levels), step_tokens=args.step_tokens)
     try:
         run_level(url, 2, np.random.default_rng(0))  # warm-up
         rows = [run_level(url, n, np.random.default_rng(n)) for n in levels]
@@ -204,6 +211,13 @@ def main() -> None:
         print(f"| {n} | {r['decode_tps']:.1f} | {r['decode_tps'] / alone:.2f}x | {own:.1f} | {own / alone:.2f}x | "
               f"{batched} | {served} | {r['whole_tps']:.1f} | "
               f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['ttft_p50_s']:.2f} |")
+    if theirs_http:
+        print("\nllama-server's latency on the same streams (TPOT's p99 counts the stalls of a step "
+              "that prefills other streams' prompts, ours and theirs alike):\n")
+        print("| streams | whole tokens/s | TPOT p50 / p99 ms | TTFT p50 s |\n|---|---|---|---|")
+        for n, r in theirs_http.items():
+            print(f"| {n} | {r['whole_tps']:.1f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | "
+                  f"{r['ttft_p50_s']:.2f} |")
 
 
 if __name__ == "__main__":
