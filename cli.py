@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-blocks", type=positive_int,
                        help="KV blocks in the pool (default: enough for --max-batch full contexts)")
     serve.add_argument("--step-tokens", type=positive_int, default=256,
-                       help="prompt tokens prefilled per step at most (default 256)")
+                       help="prompt tokens a step prefills beside decoding sequences (default 256)")
+    serve.add_argument("--prefill-tokens", type=positive_int, default=1024,
+                       help="prompt tokens a step prefills when none is decoding (default 1024)")
     serve.add_argument("--max-waiting", type=positive_int, default=256,
                        help="queued requests before 429 (default 256)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
@@ -351,7 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(lambda: load_model(args), model_name=args.model_name, api_key=args.api_key,
                     engine_options=dict(max_batch=args.max_batch, context=args.ctx, num_blocks=args.num_blocks,
                                         block_size=args.block_size, step_tokens=args.step_tokens,
-                                        max_waiting=args.max_waiting))
+                                        prefill_tokens=args.prefill_tokens, max_waiting=args.max_waiting))
     log(f"serving on http://{args.host}:{args.port}/v1 (loading the model; GET /health says when it is ready)")
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
     if server.load_error:

@@ -43,7 +43,15 @@ from runtime.kv_cache import KVCache
 from runtime.paged_cache import DEFAULT_BLOCK_SIZE, BlockPool, PagedSequence, SequenceBatch, new_pools
 from runtime.sampling import Sampler, SamplingParams
 
-DEFAULT_STEP_TOKENS = 256  # prompt chunk budget of one step; decode tokens come first
+DEFAULT_STEP_TOKENS = 256  # prompt chunk budget of a step beside decoding sequences; decode tokens come first
+# ... and of a step in which nothing decodes: prompts sent together are prefilled together, as
+# llama-server (2,048) and vLLM do, instead of the first ones decoding and then waiting for the
+# others' chunks (16 streams of 64 tokens sent at once: docs/benchmarks.md, session 11)
+DEFAULT_PREFILL_TOKENS = 1024
+# An idle engine woken by a request waits until none has come for this long (at most ten times
+# as long) before its first step, so that a burst's requests, which the server's event loop
+# hands over one by one, are all in that step.
+DEFAULT_GATHER_S = 0.005
 
 
 class QueueFull(ModelError):
@@ -114,13 +122,14 @@ class Engine:
 
     def __init__(self, net: Any, *, kv_dtype: str = "float32", context: int | None = None,
                  max_batch: int = 8, num_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 step_tokens: int = DEFAULT_STEP_TOKENS, max_waiting: int = 256, prefix_caching: bool = True,
+                 step_tokens: int = DEFAULT_STEP_TOKENS, prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+                 max_waiting: int = 256, prefix_caching: bool = True, gather_s: float = DEFAULT_GATHER_S,
                  diagnose: Callable[[], str] | None = None, isolate_errors: bool = True) -> None:
         """`diagnose` names the broken weight when logits are not finite; `isolate_errors`
         (serving) turns an exception into an error event for the batch it broke, where
         decode_tokens lets it propagate to its caller."""
-        if max_batch < 1 or step_tokens < 1 or block_size < 1:
-            raise ModelError("max_batch, step_tokens and block_size must be positive")
+        if min(max_batch, step_tokens, prefill_tokens, block_size) < 1:
+            raise ModelError("max_batch, step_tokens, prefill_tokens and block_size must be positive")
         self.net = net
         self.backend = net.backend
         config = net.config
@@ -144,11 +153,17 @@ class Engine:
         # a chunk may not exceed the shortest window: its own keys are only causally masked
         windows = [w for w in self.windows if w is not None]
         self.step_tokens = min([step_tokens] + windows)
-        # a sliding-window kind's pool: every running sequence's widest need (its window and a
-        # chunk), not a whole context each (Gemma 3's 1,024-token window beside 5 of 6 layers)
-        self.window_blocks = max_batch * (-(-(max(windows, default=0) + self.step_tokens) // block_size) + 1)
+        self.prefill_tokens = min([max(prefill_tokens, step_tokens)] + windows)
+        # a sliding-window kind's pool: what the running sequences can hold at once, not a whole
+        # context each (Gemma 3's 1,024-token window beside 5 of 6 layers). A sequence holds its
+        # window and its chunk c, at most ceil(window / b) + 2 + c / b blocks, and a step's chunks
+        # add up to its budget and a token per decoding sequence.
+        window = max(windows, default=0)
+        self.window_blocks = max_batch * (-(-window // block_size) + 2) + \
+            -(-(self.prefill_tokens + max_batch) // block_size)
         self.max_waiting = max_waiting
         self.prefix_caching = prefix_caching
+        self.gather_s = gather_s
         self.diagnose = diagnose
         self.isolate_errors = isolate_errors
         self.waiting: deque[_Seq] = deque()
@@ -243,7 +258,20 @@ class Engine:
                     self._work.wait()
                 if self._stopping:
                     return
+                if not self.running:
+                    self._gather()
             self.step()
+
+    def _gather(self) -> None:
+        """Wait (holding the lock's condition) while requests keep arriving: until none has come
+        for gather_s, at most 10 x gather_s in all."""
+        deadline = time.monotonic() + 10 * self.gather_s
+        seen = len(self.waiting)
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            self._work.wait(min(self.gather_s, left))
+            if len(self.waiting) == seen:
+                return
+            seen = len(self.waiting)
 
     @property
     def idle(self) -> bool:
@@ -304,7 +332,7 @@ class Engine:
                     if not seq.gen.generated:
                         seq.handle.usage.cached_tokens = reused
             first = min(len(seq.pending), self.step_tokens)
-            if any(n > pool.available for n, pool in zip(seq.paged.blocks_needed(first), self.pools)):
+            if not self._fits(seq, first):
                 return
             with self._lock:
                 self.waiting.popleft()
@@ -312,7 +340,8 @@ class Engine:
 
     def _plan(self) -> list[tuple[_Seq, list[int]]]:
         """Each running sequence's tokens for this step, their blocks reserved."""
-        budget = self.step_tokens
+        decoding = any(len(s.pending) == 1 for s in self.running)
+        budget = self.step_tokens if decoding else self.prefill_tokens
         plan: list[tuple[_Seq, list[int]]] = []
         # decoding sequences first (one token each), then prompt chunks, oldest first
         order = sorted(self.running, key=lambda s: len(s.pending) > 1)
@@ -322,6 +351,8 @@ class Engine:
             n = 1 if len(seq.pending) == 1 else min(len(seq.pending), budget)
             if seq.ring is not None:
                 n = min(n, seq.ring.max_chunk)
+            elif n > self.step_tokens and not self._fits(seq, n):
+                n = self.step_tokens  # a chunk past a busy step's size never preempts another sequence
             if n < 1:
                 continue
             if not self._reserve(seq, n):
@@ -330,6 +361,9 @@ class Engine:
             if len(seq.pending) > 1:
                 budget -= n
         return [(s, c) for s, c in plan if s in self.running]
+
+    def _fits(self, seq: _Seq, n: int) -> bool:
+        return all(k <= pool.available for k, pool in zip(seq.paged.blocks_needed(n), self.pools))
 
     def _reserve(self, seq: _Seq, n: int) -> bool:
         """Blocks for n tokens of seq, preempting the newest other pool sequences if needed."""
@@ -404,7 +438,7 @@ def decode_tokens(net: Any, cache: KVCache, prompt: Sequence[int], sampler: Samp
     log-probability and its `logprobs` best alternatives go to stats.logprobs.
     Closing the iterator early leaves in the cache every token whose forward pass ran.
     """
-    engine = Engine(net, max_batch=1, step_tokens=prefill_chunk, isolate_errors=False)
+    engine = Engine(net, max_batch=1, step_tokens=prefill_chunk, prefill_tokens=prefill_chunk, isolate_errors=False)
     events: deque[Event] = deque()
     engine.submit(Request(list(prompt), max_tokens, stop_ids=frozenset(stop_ids), logprobs=logprobs),
                   events.append, cache=cache, sampler=sampler)

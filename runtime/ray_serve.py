@@ -6,7 +6,7 @@ Ray cluster has room.
     serve run runtime.ray_serve:build replicas=2 max_batch=8 ctx=2048   # http://127.0.0.1:8000/v1
 
 `build` takes the same settings as `cli.py serve` (model, device, dtype, kv_dtype, ctx,
-max_batch, block_size, num_blocks, step_tokens, max_waiting, api_key, model_name) as
+max_batch, block_size, num_blocks, step_tokens, prefill_tokens, max_waiting, api_key, model_name) as
 key=value arguments, plus `replicas` and `cpus` (per replica). Ray is the `ray` extra;
 nothing else in the runtime imports it.
 """
@@ -23,7 +23,8 @@ try:
 except ImportError as exc:  # pragma: no cover - the ray extra is not installed
     raise ModelError("Ray Serve needs the `ray` extra: pip install -e '.[serve,ray]'") from exc
 
-ENGINE_KEYS = {"max_batch": int, "block_size": int, "num_blocks": int, "step_tokens": int, "max_waiting": int}
+ENGINE_KEYS = {"max_batch": int, "block_size": int, "num_blocks": int, "step_tokens": int, "prefill_tokens": int,
+               "max_waiting": int}
 LOAD_KEYS = {"model": str, "device": str, "dtype": str, "kv_dtype": str, "ctx": int}
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,23 @@ def test_hybrid_model_gives_back_its_window_layers_blocks(arch: str, tmp_path: P
     assert _available(pools) == 32
 
     # the engine sizes the window pool for its running sequences' windows, not their contexts
-    engine = Engine(net, context=128, max_batch=2, num_blocks=64, step_tokens=8)
+    # (each sequence's window and slack, and the chunks of one step: its budget and a token each)
+    engine = Engine(net, context=128, max_batch=2, num_blocks=64, step_tokens=8, prefill_tokens=8)
     sizes = [p.spec.num_blocks for p in engine.pools]
-    assert sizes[kinds.index(None)] == 64 and sizes[kinds.index(24)] == 2 * (-(-(24 + 8) // 16) + 1)
+    assert sizes[kinds.index(None)] == 64 and sizes[kinds.index(24)] == 2 * (2 + 2) + 1
+    # a step where nothing decodes may take prefill_tokens (capped by the window)
+    engine = Engine(net, context=128, max_batch=2, num_blocks=64, step_tokens=8)
+    assert engine.prefill_tokens == 24 and engine.window_blocks == 2 * (2 + 2) + 2
+
+    # and that is enough: eight requests of up to 100 tokens through four slots, blocks of 8,
+    # never preempted for want of window blocks, each answer the one it gets alone
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(0, VOCAB, int(rng.integers(5, 100))).tolist() for _ in range(8)]
+    alone = [_collect(Engine(net, context=128, max_batch=1, block_size=8), [Request(p, 16)])[0][0] for p in prompts]
+    engine = Engine(net, context=128, max_batch=4, block_size=8, step_tokens=8)
+    assert engine.window_blocks == 4 * (3 + 2) + 4
+    assert [t for t, _ in _collect(engine, [Request(p, 16) for p in prompts])] == alone
+    assert engine.preemptions == 0 and engine.free_blocks == engine.total_blocks
 
 
 def _feed_in_chunks(net: Any, seq: PagedSequence, ids: list[int], size: int,
@@ -282,7 +297,8 @@ def test_engine_greedy_equals_model_tokens(tiny_model: Any) -> None:
     prompts = _prompts(8)
     lengths = [3, 17, 9, 25, 1, 12, 30, 6]
     expected = [list(tiny_model.tokens(p, max_tokens=n, ignore_eos=True)) for p, n in zip(prompts, lengths)]
-    engine = Engine.for_model(tiny_model, max_batch=8, step_tokens=16)
+    # prompts in chunks of 16 even while nothing decodes (prefill_tokens): chunks across steps
+    engine = Engine.for_model(tiny_model, max_batch=8, step_tokens=16, prefill_tokens=16)
     start = engine.free_blocks
     got = _collect(engine, [Request(p, n) for p, n in zip(prompts, lengths)])
     assert [t for t, _ in got] == expected
@@ -290,11 +306,88 @@ def test_engine_greedy_equals_model_tokens(tiny_model: Any) -> None:
     assert engine.free_blocks == start
 
 
+def test_prompts_sent_together_prefill_together_and_a_late_one_in_small_chunks(
+        tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # with no sequence decoding a step carries up to prefill_tokens of prompts, so prompts sent
+    # together start decoding together; beside decoding sequences at most step_tokens, which
+    # bounds how long they wait for their next token
+    prompts = [p for p in _prompts(12, seed=11) if len(p) <= 20][:4]
+    assert len(prompts) == 4
+    expected = [list(tiny_model.tokens(p, max_tokens=12, ignore_eos=True)) for p in prompts]
+    engine = Engine.for_model(tiny_model, max_batch=4, step_tokens=4, prefill_tokens=64)
+    sizes: list[int] = []
+    forward = engine.net.forward
+
+    def counted(tokens: Any, cache: Any, **kw: Any) -> Any:
+        sizes.append(len(tokens))
+        return forward(tokens, cache, **kw)
+
+    monkeypatch.setattr(engine.net, "forward", counted)
+    got: list[list[int]] = [[] for _ in prompts]
+
+    def emit_for(i: int) -> Any:
+        return lambda event: got[i].append(event.token) if event.token is not None else None
+
+    for i in range(3):
+        engine.submit(Request(prompts[i], 12), emit_for(i))
+    assert engine.step() and sizes == [sum(len(p) for p in prompts[:3])]
+    assert all(len(g) == 1 for g in got[:3])  # every stream's first token from one step
+    engine.submit(Request(prompts[3], 12), emit_for(3))
+    while not got[3]:
+        engine.step()
+    # the late prompt went in chunks of 4 beside the 3 decoding streams
+    chunks = -(-len(prompts[3]) // 4)
+    assert sizes[1:] == [3 + 4] * (chunks - 1) + [3 + len(prompts[3]) - 4 * (chunks - 1)]
+    while engine.step():
+        pass
+    assert got == expected
+
+
+def test_a_started_engine_takes_a_burst_of_requests_in_one_first_step(
+        tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # requests handed over one by one, as the server's event loop does, 20 ms apart: the idle
+    # engine waits for the burst (gather_s) and prefills it in one step, then all decode
+    prompts = [p for p in _prompts(12, seed=11) if len(p) <= 20][:4]
+    engine = Engine.for_model(tiny_model, max_batch=4, step_tokens=4, gather_s=0.25)
+    sizes: list[int] = []
+    forward = engine.net.forward
+
+    def counted(tokens: Any, cache: Any, **kw: Any) -> Any:
+        sizes.append(len(tokens))
+        return forward(tokens, cache, **kw)
+
+    monkeypatch.setattr(engine.net, "forward", counted)
+    ends: list[str | None] = []
+    engine.start()
+    try:
+        for p in prompts:
+            engine.submit(Request(p, 3), lambda event: ends.append(event.finish_reason) if event.token is None else None)
+            time.sleep(0.02)
+        wait_idle(engine)
+    finally:
+        engine.stop()
+    assert ends == ["length"] * 4
+    assert sizes == [sum(len(p) for p in prompts), 4, 4]
+
+
+def test_a_prefill_chunk_past_step_tokens_never_preempts(tiny_model: Any) -> None:
+    # 8 blocks of 16: after the first prompt's 4 blocks, the second's 68-token share of the
+    # budget does not fit, so it goes in with a step_tokens chunk rather than push anyone out
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(0, 256, 60).tolist(), rng.integers(0, 256, 100).tolist()]
+    engine = Engine.for_model(tiny_model, max_batch=2, num_blocks=8, step_tokens=16, prefill_tokens=128)
+    for p in prompts:
+        engine.submit(Request(p, 4), lambda event: None)
+    engine.step()
+    assert engine.preemptions == 0 and len(engine.running) == 2
+    assert [len(s.pending) for s in engine.running] == [1, 100 - 16]
+
+
 def test_engine_seed_gives_the_same_tokens_alone_in_a_batch_and_from_the_cache(tiny_model: Any) -> None:
     prompts = _prompts(8, seed=6)
     params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i) for i in range(8)]
     alone = [_collect(Engine.for_model(tiny_model, max_batch=1), [Request(p, 20, s)])[0][0] for p, s in zip(prompts, params)]
-    engine = Engine.for_model(tiny_model, max_batch=8, step_tokens=8)
+    engine = Engine.for_model(tiny_model, max_batch=8, step_tokens=8, prefill_tokens=8)
     batched = _collect(engine, [Request(p, 20, s) for p, s in zip(prompts, params)])
     assert [t for t, _ in batched] == alone
     # again on the same engine: full prefix blocks come from the cache
