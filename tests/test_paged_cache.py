@@ -306,6 +306,19 @@ def test_engine_greedy_equals_model_tokens(tiny_model: Any) -> None:
     assert engine.free_blocks == start
 
 
+def _forward_sizes(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The token count of each forward pass the engine runs from now on."""
+    sizes: list[int] = []
+    forward = engine.net.forward
+
+    def counted(tokens: Any, cache: Any, **kw: Any) -> Any:
+        sizes.append(len(tokens))
+        return forward(tokens, cache, **kw)
+
+    monkeypatch.setattr(engine.net, "forward", counted)
+    return sizes
+
+
 def test_prompts_sent_together_prefill_together_and_a_late_one_in_small_chunks(
         tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # with no sequence decoding a step carries up to prefill_tokens of prompts, so prompts sent
@@ -315,14 +328,7 @@ def test_prompts_sent_together_prefill_together_and_a_late_one_in_small_chunks(
     assert len(prompts) == 4
     expected = [list(tiny_model.tokens(p, max_tokens=12, ignore_eos=True)) for p in prompts]
     engine = Engine.for_model(tiny_model, max_batch=4, step_tokens=4, prefill_tokens=64)
-    sizes: list[int] = []
-    forward = engine.net.forward
-
-    def counted(tokens: Any, cache: Any, **kw: Any) -> Any:
-        sizes.append(len(tokens))
-        return forward(tokens, cache, **kw)
-
-    monkeypatch.setattr(engine.net, "forward", counted)
+    sizes = _forward_sizes(engine, monkeypatch)
     got: list[list[int]] = [[] for _ in prompts]
 
     def emit_for(i: int) -> Any:
@@ -349,14 +355,7 @@ def test_a_started_engine_takes_a_burst_of_requests_in_one_first_step(
     # engine waits for the burst (gather_s) and prefills it in one step, then all decode
     prompts = [p for p in _prompts(12, seed=11) if len(p) <= 20][:4]
     engine = Engine.for_model(tiny_model, max_batch=4, step_tokens=4, gather_s=0.25)
-    sizes: list[int] = []
-    forward = engine.net.forward
-
-    def counted(tokens: Any, cache: Any, **kw: Any) -> Any:
-        sizes.append(len(tokens))
-        return forward(tokens, cache, **kw)
-
-    monkeypatch.setattr(engine.net, "forward", counted)
+    sizes = _forward_sizes(engine, monkeypatch)
     ends: list[str | None] = []
     engine.start()
     try:
