@@ -256,10 +256,10 @@ class Engine:
             with self._work:
                 while not self._stopping and not self.waiting and not self.running:
                     self._work.wait()
+                if not self.running and not self._stopping:
+                    self._gather()
                 if self._stopping:
                     return
-                if not self.running:
-                    self._gather()
             self.step()
 
     def _gather(self) -> None:
