@@ -101,6 +101,8 @@ def content_hash(path: Path) -> str:
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+    # lines of files gone or changed since (an old clone, a GGUF written again) are dropped
+    known = {k: v for k, v in known.items() if _unchanged(k)}
     known[seen] = digest.hexdigest()
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,17 @@ def content_hash(path: Path) -> str:
     except OSError:
         pass  # a read-only cache still converts; the hash is made again next time
     return known[seen]
+
+
+def _unchanged(seen: str) -> bool:
+    """Whether the file a hashes.json line names ("path:size:mtime") is still as it was."""
+    path, _, rest = seen.rpartition(":")
+    path, _, size = path.rpartition(":")
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return f"{stat.st_size}:{stat.st_mtime_ns}" == f"{size}:{rest}"
 
 
 def _looks_like_hub_id(text: str) -> bool:

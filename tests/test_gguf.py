@@ -525,3 +525,11 @@ def test_the_same_gguf_in_two_places_is_converted_once(tmp_path: Path, monkeypat
     assert conversions == [first, other]
     hashes = json.loads((tmp_path / "cache" / "models" / "hashes.json").read_text())
     assert sorted(set(hashes.values())) == sorted({hashlib.sha256(p.read_bytes()).hexdigest() for p in (first, other)})
+
+    # a clone removed and a file written again: the next hash drops their old lines
+    second.unlink()
+    _write_gguf(other, seed=2)
+    os.utime(other, ns=(2, 2))
+    resolve.resolve_model(other, progress=False)
+    hashes = json.loads((tmp_path / "cache" / "models" / "hashes.json").read_text())
+    assert sorted(hashes) == sorted(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (first, other))
