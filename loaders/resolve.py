@@ -86,8 +86,7 @@ def content_hash(path: Path) -> str:
     """The file's SHA-256, read once per path, size and modification time: the hashes
     are remembered in the cache's models/hashes.json, so a later load does not read the
     whole file again (a 4 GB GGUF takes seconds)."""
-    stat = path.stat()
-    seen = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    seen = _seen(path)
     index = cache_dir() / "models" / "hashes.json"
     try:
         known = json.loads(index.read_text(encoding="utf-8"))
@@ -114,15 +113,18 @@ def content_hash(path: Path) -> str:
     return known[seen]
 
 
+def _seen(path: Path) -> str:
+    """A hashes.json key: the file as it is now, "path:size:mtime"."""
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _unchanged(seen: str) -> bool:
-    """Whether the file a hashes.json line names ("path:size:mtime") is still as it was."""
-    path, _, rest = seen.rpartition(":")
-    path, _, size = path.rpartition(":")
+    """Whether the file a hashes.json key names is still as it was."""
     try:
-        stat = os.stat(path)
+        return _seen(Path(seen.rsplit(":", 2)[0])) == seen
     except (OSError, ValueError):
         return False
-    return f"{stat.st_size}:{stat.st_mtime_ns}" == f"{size}:{rest}"
 
 
 def _looks_like_hub_id(text: str) -> bool:
