@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-import runtime  # noqa: F401 - first: it picks OpenBLAS's kernels before NumPy loads (runtime.blas)
+import runtime  # first: it picks OpenBLAS's kernels before NumPy loads (runtime.blas)
 from loaders.errors import ModelError
 
 KV_DTYPES = ("float32", "float16", "int8")
@@ -344,6 +344,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    runtime.blas.choose_kernels(batched=True)  # before the server imports NumPy (runtime.blas)
     try:
         import uvicorn  # noqa: PLC0415
 

@@ -7,6 +7,8 @@ runtime loads them (Backend.matrix_order), random float32 values of the model's 
 Two columns: `x @ w.T` as NumPy runs it, and `linear` (models/layers.py), which pads a few
 rows up to a multiple of 8. OpenBLAS's small-M paths make the first column anything but
 monotonic; the engine's decode step is one such product per matrix for its whole batch.
+OpenBLAS's kernels are those a server picks (runtime.blas); name others with
+OPENBLAS_CORETYPE=SkylakeX (or Haswell, ...) to compare.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import runtime  # noqa: E402,F401 - before NumPy: it picks OpenBLAS's kernels (runtime.blas)
+import runtime  # noqa: E402 - before NumPy: it picks OpenBLAS's kernels (runtime.blas)
+
+runtime.blas.choose_kernels(batched=True)  # a server's, as `cli.py serve` picks them
 import numpy as np  # noqa: E402
 from models.layers import linear  # noqa: E402
 from runtime.backend import get_backend  # noqa: E402

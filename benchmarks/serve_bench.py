@@ -40,7 +40,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import runtime  # noqa: E402,F401 - before NumPy: it picks OpenBLAS's kernels (runtime.blas)
+import runtime  # noqa: E402 - before NumPy: it picks OpenBLAS's kernels (runtime.blas)
+
+runtime.blas.choose_kernels(batched=True)  # a server's, as `cli.py serve` picks them
 import numpy as np  # noqa: E402
 
 PROMPT, GENERATED = 64, 64
