@@ -34,12 +34,15 @@ def test_haswell_kernels_are_named_on_zen4_and_for_a_server_on_intels_avx512() -
         assert [preferred_coretype(t, batched) for t in (ZEN3, ZEN5, INTEL_AVX2, "")] == [None] * 4
 
 
-def _loaded_core(env: dict[str, str]) -> tuple[str | None, str | None]:
-    code = ("import os, runtime, numpy, threadpoolctl, json; "
+def _loaded_core(env: dict[str, str], before_numpy: str = "") -> tuple[str | None, str | None]:
+    """OPENBLAS_CORETYPE and the kernels OpenBLAS loaded, in a fresh interpreter that imports
+    the runtime, runs `before_numpy`, then NumPy."""
+    code = ("import os, json, runtime, threadpoolctl\n" + before_numpy + "import numpy\n"
             "print(json.dumps([os.environ.get('OPENBLAS_CORETYPE'), "
             "next((i.get('architecture') for i in threadpoolctl.threadpool_info() "
             "if i['internal_api'] == 'openblas'), None)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     return tuple(json.loads(out.stdout))
 
 
@@ -57,16 +60,12 @@ def test_a_server_names_its_kernels_after_importing_runtime() -> None:
     """cli.py's serve asks again, batched, after `import runtime` made the single-stream
     choice and before anything imports NumPy: the second choice is the one loaded."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    code = ("import sys, runtime, cli, threadpoolctl\n"
-            "assert 'numpy' not in sys.modules, 'importing cli loaded NumPy'\n"
-            "runtime.blas._preferred_here = lambda batched=False: 'Sandybridge' if batched else 'Haswell'\n"
-            "runtime.blas.choose_kernels(batched=True)\n"
-            "import numpy\n"
-            "print(next(i.get('architecture') for i in threadpoolctl.threadpool_info() "
-            "if i['internal_api'] == 'openblas'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "Sandybridge"
+    named, loaded = _loaded_core(env, (
+        "import sys, cli\n"
+        "assert 'numpy' not in sys.modules, 'importing cli loaded NumPy'\n"
+        "runtime.blas._preferred_here = lambda batched=False: 'Sandybridge' if batched else 'Haswell'\n"
+        "runtime.blas.choose_kernels(batched=True)\n"))
+    assert named == loaded == "Sandybridge"
 
 
 def test_a_users_coretype_is_kept() -> None:
