@@ -45,6 +45,7 @@ import numpy as np
 from loaders.errors import ModelError
 from runtime.backend import Backend
 from runtime.kv_cache import CacheSpec, KVCache, _as_slice
+from runtime.kv_mirror import KVMirror
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default
 
@@ -69,9 +70,11 @@ class PoolSpec:
 
 
 class BlockPool:
-    """The blocks, who holds them, and the named (prefix-cached) ones."""
+    """The blocks, who holds them, and the named (prefix-cached) ones; and the float32
+    mirror of the last decode batch's keys and values (runtime.kv_mirror), which may take
+    up to `mirror_bytes` (by default as many bytes as the store; 0: none)."""
 
-    def __init__(self, backend: Backend, spec: PoolSpec) -> None:
+    def __init__(self, backend: Backend, spec: PoolSpec, mirror_bytes: int | None = None) -> None:
         if spec.num_blocks < 1 or spec.block_size < 1:
             raise ModelError(f"a block pool needs at least one block of at least one slot, got {spec}")
         self.backend = backend
@@ -79,6 +82,8 @@ class BlockPool:
         self.spec = spec
         self.block_size = spec.block_size
         self.store = KVCache(backend, spec.store_spec)
+        budget = self.store.spec.nbytes if mirror_bytes is None else mirror_bytes
+        self.mirror = KVMirror(self.store, budget) if budget > 0 else None
         self.refs = np.zeros(spec.num_blocks, dtype=np.int64)
         self.free: deque[int] = deque(range(spec.num_blocks))  # never named, or name dropped
         self.cached: OrderedDict[int, None] = OrderedDict()    # named, unreferenced: LRU order
@@ -136,14 +141,15 @@ def layer_kinds(windows: Sequence[int | None]) -> tuple[list[int | None], list[i
 
 def new_pools(backend: Backend, windows: Sequence[int | None], num_kv_heads: int, head_dim: int,
               num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, kv_dtype: str = "float32",
-              window_blocks: int | None = None) -> list[BlockPool]:
+              window_blocks: int | None = None, mirror_bytes: int | None = None) -> list[BlockPool]:
     """One pool per layer kind, holding only that kind's layers. A sliding-window kind's
     sequences hold no more blocks than their window spans, so its pool may be smaller
     (`window_blocks`); the full-attention kind's holds every token of every sequence."""
     kinds, kind_of = layer_kinds(windows)
     return [BlockPool(backend, PoolSpec(kind_of.count(k), num_kv_heads, head_dim,
                                         num_blocks if w is None or window_blocks is None
-                                        else min(num_blocks, window_blocks), block_size, kv_dtype))
+                                        else min(num_blocks, window_blocks), block_size, kv_dtype),
+                      mirror_bytes)
             for k, w in enumerate(kinds)]
 
 
@@ -241,6 +247,7 @@ class PagedSequence:
         self.capacity = capacity
         self.tokens: list[int] = []   # the ids whose keys and values are stored, in order
         self.offset = 0
+        self.epoch = 0                # how many times it was freed: a KVMirror's rows know whose they are
         self.tables = [BlockTable(pool, w) for pool, w in zip(pools, kinds)]
         # each layer's index in its kind's pool
         self.layer_index = [self.layer_kind[:n].count(k) for n, k in enumerate(self.layer_kind)]
@@ -294,6 +301,7 @@ class PagedSequence:
         for table in self.tables:
             table.free()
         self.tokens, self.offset = [], 0
+        self.epoch += 1
 
     # -- one forward call --------------------------------------------------------
     def begin(self, tokens: Sequence[int]) -> np.ndarray:
@@ -443,7 +451,22 @@ class SequenceBatch:
             kinds = range(len(self.sequences[0].tables))
             self._new_slots = [np.concatenate([seq._rings[k].new for seq in self.sequences]) for k in kinds]
             self._padded = [self._pad([seq._rings[k].after for seq in self.sequences]) for k in kinds]
+            self._mirrors = [self._plan_mirror(k) for k in kinds]
         return self.positions
+
+    def _plan_mirror(self, kind: int) -> KVMirror | None:
+        """The kind's pool mirror if it serves this step: while every sequence's view starts
+        at its first token (a window that moved on would need ring rows)."""
+        mirror = self.sequences[0].tables[kind].pool.mirror
+        if mirror is None:
+            return None
+        lengths = np.asarray([seq._rings[kind].n_after for seq in self.sequences], dtype=np.int64)
+        starts = np.asarray([seq.offset + 1 for seq in self.sequences], dtype=np.int64)
+        members = [(seq, seq.epoch) for seq in self.sequences]
+        if not np.array_equal(lengths, starts):
+            mirror.release()
+            return None
+        return mirror if mirror.plan(members, lengths) else None
 
     def _pad(self, slots: list[np.ndarray]) -> tuple[np.ndarray, Any]:
         """(B, m) slots, shorter rows padded with their own first slot, and the (B, m)
@@ -470,14 +493,21 @@ class SequenceBatch:
         """Each sequence's one new key and value (kv_heads, B, d) into its slot."""
         kind, store, index = self._store(layer)
         store.write_slots(index, self._new_slots[kind], k, v)
+        if self._mirrors[kind] is not None:
+            self._mirrors[kind].store_decode(index, k, v, self._new_slots[kind], self._padded[kind][0])
 
     def decode_keys_values(self, layer: int) -> tuple[Any, Any, Any]:
         """Keys and values (kv_heads, B, m, d) each sequence's query sees at this layer
         (its window, if the layer has one), padded to the longest, and the padding's mask."""
         kind, store, index = self._store(layer)
         slots, hidden = self._padded[kind]
+        if self._mirrors[kind] is not None:
+            return (*self._mirrors[kind].keys_values(index), hidden)
         return store.read_slots(index, slots, False), store.read_slots(index, slots, True), hidden
 
     def end(self) -> None:
         for seq in self.sequences:
             seq.end()
+        for mirror in self._mirrors if self.decoding else ():
+            if mirror is not None:
+                mirror.end()

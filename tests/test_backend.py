@@ -36,7 +36,7 @@ SOURCES = sorted([*REPO.glob("runtime/*.py"), *REPO.glob("models/*.py")])
 # The compute path: what runs per token. `np.` here must be host-side bookkeeping.
 COMPUTE_PATH = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "models").glob("*.py")) + [
     "runtime/attention.py", "runtime/kv_cache.py", "runtime/sampling.py", "runtime/generate.py",
-    "runtime/backend.py", "runtime/paged_cache.py", "runtime/engine.py"]
+    "runtime/backend.py", "runtime/paged_cache.py", "runtime/kv_mirror.py", "runtime/engine.py"]
 # Every `np.` use allowed there, as (file, enclosing function, name): all act on host
 # data (token ids, positions, slot bookkeeping, checkpoint arrays before upload).
 ALLOWED_NUMPY = {
@@ -81,6 +81,12 @@ ALLOWED_NUMPY = {
     ("runtime/paged_cache.py", "SequenceBatch.begin", "np.concatenate"),
     ("runtime/paged_cache.py", "SequenceBatch.logit_rows", "np.asarray"),
     ("runtime/paged_cache.py", "SequenceBatch.logit_rows", "np.int64"),
+    # the mirror's plan: which sequences, how many tokens each (host lists), before any array moves
+    *[("runtime/paged_cache.py", "SequenceBatch._plan_mirror", name) for name in (
+        "np.array_equal", "np.asarray", "np.int64")],
+    *[("runtime/kv_mirror.py", f, name) for f, name in (
+        ("KVMirror.__init__", "np.zeros"), ("KVMirror.__init__", "np.int64"),
+        ("KVMirror.plan", "np.array_equal"), ("KVMirror.release", "np.zeros"), ("KVMirror.release", "np.int64"))],
     ("models/llama.py", "Llama._sink_rope", "np.minimum"),  # positions
     ("runtime/backend.py", "Backend.matrix_order", "np.dtype"),  # a layout decision for host arrays
     ("runtime/backend.py", "Backend.matrix_order", "np.float32"),
