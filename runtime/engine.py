@@ -304,6 +304,10 @@ class Engine:
             for row, (seq, chunk) in enumerate(part):
                 self._fed(seq, len(chunk), logits[row])
         self.steps += 1
+        if not self.running and self._pools is not None:
+            for pool in self._pools:  # an idle server holds no copy of finished sequences' caches
+                if pool.mirror is not None:
+                    pool.mirror.release()
         return True
 
     def _drop_cancelled(self) -> None:
