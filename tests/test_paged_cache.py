@@ -25,6 +25,7 @@ import pytest
 import runtime
 from conftest import KV_TOLERANCE, load_net, prefill_logits
 from runtime.engine import Engine, Event, Request, wait_idle
+from runtime.kv_mirror import KVMirror
 from runtime.paged_cache import BlockPool, PagedSequence, PoolSpec, SequenceBatch, new_pools
 from runtime.sampling import SamplingParams
 
@@ -46,10 +47,11 @@ def _build(arch: str, tmp_path: Path) -> Path:
     return folder
 
 
-def _pools(net: Any, num_blocks: int, block_size: int = 16, kv_dtype: str = "float32") -> list[BlockPool]:
+def _pools(net: Any, num_blocks: int, block_size: int = 16, kv_dtype: str = "float32",
+           mirror_bytes: int | None = None) -> list[BlockPool]:
     c = net.config
     return new_pools(net.backend, c.layer_windows(), c.num_key_value_heads, c.head_dim, num_blocks, block_size,
-                     kv_dtype)
+                     kv_dtype, mirror_bytes=mirror_bytes)
 
 
 def _available(pools: list[BlockPool]) -> int:
@@ -128,6 +130,87 @@ def test_batched_low_precision_pool_stays_close(kv_dtype: str, tmp_path: Path) -
     for g, e in zip(got, expected):
         assert np.isfinite(g).all()
         assert np.abs(g - e).max() <= KV_TOLERANCE[kv_dtype]
+
+
+class _MirrorModes:
+    """Counts the modes KVMirror.plan chose (append, gather, None) while it is patched in."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: dict[str | None, int] = {}
+        plan = KVMirror.plan
+
+        def counted(mirror: KVMirror, *args: Any) -> bool:
+            used = plan(mirror, *args)
+            self.counts[mirror.mode] = self.counts.get(mirror.mode, 0) + 1
+            return used
+
+        monkeypatch.setattr(KVMirror, "plan", counted)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # an overflow: the mirror read memory it never wrote
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_the_decode_mirror_gives_the_logits_of_the_pool_gathers(arch: str, kv_dtype: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same schedule (joins, leaves, chunks between decode steps) with the pool gathered at
+    # every step and with the mirror appended to: the same numbers, bit for bit
+    net, _ = load_net(_build(arch, tmp_path))
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (40, 23, 61, 9)]
+    schedule = dict(joins=[0, 2, 3, 5], chunks=[10, 7, 20, 3])
+    gathered, _ = _run_schedule(net, _pools(net, 24, kv_dtype=kv_dtype, mirror_bytes=0), prompts, **schedule)
+    modes = _MirrorModes(monkeypatch)
+    pools = _pools(net, 24, kv_dtype=kv_dtype, mirror_bytes=1 << 24)  # an int8 pool's own bytes are too few here
+    mirrored, _ = _run_schedule(net, pools, prompts, **schedule)
+    if None in net.config.layer_windows():  # else every window moved on before the first decode step
+        assert modes.counts.get("append", 0) >= 10 and modes.counts.get("gather", 0) >= 2
+    for g, m in zip(gathered, mirrored):
+        assert np.array_equal(g, m)
+
+
+def test_a_mirror_past_its_budget_leaves_the_step_to_the_gathers(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    net, spec = load_net(_build("llama", tmp_path))
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (40, 30)]
+    c = net.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    modes = _MirrorModes(monkeypatch)
+    pools = _pools(net, 16, mirror_bytes=2 * 35 * per_token)  # two rows of 35 tokens: the batch outgrows it
+    got, _ = _run_schedule(net, pools, prompts, joins=[0, 1], chunks=[8, 5])
+    assert modes.counts.get("append", 0) > 0 and modes.counts.get(None, 0) > 0
+    for g, p in zip(got, prompts):
+        assert np.abs(g - prefill_logits(net, spec, p)).max() <= 1e-4
+    assert pools[0].mirror.keys is None  # given back when the batch outgrew it
+
+
+def test_a_sequence_freed_and_fed_again_is_not_read_from_the_mirror(tmp_path: Path) -> None:
+    # two sequences decode (the mirror holds their rows), are freed and fed other prompts up
+    # to the same lengths: the lengths fit an append, but the rows are no longer theirs
+    net, spec = load_net(_build("llama", tmp_path))
+    rng = np.random.default_rng(7)
+    pools = _pools(net, 16)
+    windows = net.config.layer_windows()
+    seqs = [PagedSequence(pools, windows, 128) for _ in range(2)]
+
+    def step(chunks: list[list[int]]) -> np.ndarray:
+        for seq, chunk in zip(seqs, chunks):
+            assert seq.reserve(len(chunk))
+        tokens = np.concatenate([np.asarray(c) for c in chunks])
+        return net.backend.to_host(net.forward(tokens, SequenceBatch(net.backend, seqs, chunks)))
+
+    first = [rng.integers(0, VOCAB, 12).tolist() for _ in seqs]
+    step([p[:10] for p in first])
+    step([p[10:11] for p in first])
+    step([p[11:12] for p in first])  # appended: the rows hold 12 tokens each
+    assert pools[0].mirror.lengths.tolist() == [12, 12]
+    for seq in seqs:
+        seq.free()
+    second = [rng.integers(0, VOCAB, 13).tolist() for _ in seqs]
+    step([p[:12] for p in second])
+    got = step([p[12:] for p in second])
+    for row, p in zip(got, second):
+        assert np.abs(row - prefill_logits(net, spec, p)[-1]).max() <= 1e-4
 
 
 def test_window_model_gives_back_the_blocks_out_of_its_window(tmp_path: Path) -> None:
