@@ -16,7 +16,11 @@ Reported per concurrency:
   first token.
 The single-stream figure is Model.tokens alone (no server), 64 tokens after 64; "engine
 alone" is runtime.engine.Engine stepped in this process (no HTTP) over the same streams, its
-steady decode rate once every stream has its first token (the best of 3 runs). With
+steady decode rate once every stream has its first token (the best of 3 runs). "Products
+alone" is the ceiling a decode step's weight products leave: N rows through every matrix
+a step multiplies (each layer's and the lm_head, the model's own weights, `linear`), the
+best of 5, as if the rest of a step (attention, norms, rotary, sampling) took no time;
+the lines under the table split the engine's step into those products and the rest. With
 --llama-server, the same HTTP streams go to llama.cpp's llama-server (-np N slots of 1,024
 tokens, continuous batching) on the F32 GGUF, with the clients on the same cores as ours, and
 its time per output token next to ours. --step-tokens sets our engine's prompt chunk budget
@@ -133,11 +137,30 @@ def single_stream() -> float:
     return float(np.median(rates))
 
 
-def engine_alone(levels: list[int], step_tokens: int | None = None) -> dict[int, float]:
+def products_ms(net, n: int) -> float:
+    """Milliseconds the weight products of one decode step of n rows take (the best of 5)."""
+    from models.layers import linear
+
+    matrices = [w for layer in net.layers for w in vars(layer).values()
+                if getattr(w, "ndim", 0) == 2] + [net.lm_head]
+    inputs = {width: np.random.default_rng(3).standard_normal((n, width), dtype=np.float32)
+              for width in {w.shape[1] for w in matrices}}
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        for w in matrices:
+            linear(inputs[w.shape[1]], w)
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1e3
+
+
+def engine_alone(levels: list[int], step_tokens: int | None = None) -> tuple[dict[int, float], dict[int, float]]:
+    """The engine's steady decode rate per level, and the weight products' ms a step."""
     import runtime
     from runtime.engine import Engine, Request
 
     model = runtime.load(max_context=1024, progress=False)
+    products = {n: products_ms(model.net, n) for n in levels}
     options = {"step_tokens": step_tokens} if step_tokens else {}
     engine = Engine.for_model(model, max_batch=max(levels), context=1024, **options)
     rng = np.random.default_rng(2)
@@ -154,7 +177,7 @@ def engine_alone(levels: list[int], step_tokens: int | None = None) -> dict[int,
                 steps += 1
             best = max(best, steps * n / (time.perf_counter() - start))
         rates[n] = best
-    return rates
+    return rates, products
 
 
 def llama_batched(binary: str, gguf: str, levels: list[int]) -> dict[int, float]:
@@ -186,7 +209,8 @@ def main() -> None:
     except ImportError:
         pass
     alone = float("nan") if args.no_single else single_stream()
-    engine = {n: float("nan") for n in levels} if args.no_single else engine_alone(levels, args.step_tokens)
+    nothing = {n: float("nan") for n in levels}
+    engine, products = (nothing, nothing) if args.no_single else engine_alone(levels, args.step_tokens)
     proc, url = start_server(max(levels), step_tokens=args.step_tokens)
     try:
         run_level(url, 2, np.random.default_rng(0))  # warm-up
@@ -205,17 +229,24 @@ def main() -> None:
             proc.terminate()
             proc.wait()
     print(f"single stream (Model.tokens, {GENERATED} after {PROMPT}): {alone:.1f} tokens/s\n")
-    print("| streams | decode tokens/s | x single | engine alone | x single | llama.cpp F32 S_TG "
+    print("| streams | decode tokens/s | x single | engine alone | x single | products alone | llama.cpp F32 S_TG "
           "| llama-server F32 (HTTP) | whole tokens/s | TPOT p50 / p99 ms | TTFT p50 s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["streams"]
         own = engine[n]
         batched = f"{llama[n]:.1f}" if n in llama else "-"
         served = f"{theirs_http[n]['decode_tps']:.1f}" if n in theirs_http else "-"
         print(f"| {n} | {r['decode_tps']:.1f} | {r['decode_tps'] / alone:.2f}x | {own:.1f} | {own / alone:.2f}x | "
-              f"{batched} | {served} | {r['whole_tps']:.1f} | "
+              f"{n * 1e3 / products[n]:.1f} | {batched} | {served} | {r['whole_tps']:.1f} | "
               f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['ttft_p50_s']:.2f} |")
+    if not args.no_single:
+        print("\nms a decode step, the engine's: weight products + the rest" +
+              (", and llama-batched-bench's whole step" if llama else "") + ":\n")
+        for n in levels:
+            step = n * 1e3 / engine[n]
+            print(f"- {n} streams: {step:.1f} = {products[n]:.1f} + {step - products[n]:.1f}" +
+                  (f"; llama.cpp {n * 1e3 / llama[n]:.1f}" if n in llama else ""))
     if theirs_http:
         print("\nllama-server's latency on the same streams (TPOT's p99 counts the stalls of a step "
               "that prefills other streams' prompts, ours and theirs alike):\n")
