@@ -1,8 +1,9 @@
 """A decode batch's keys and values kept in float32 between steps, next to the block pool.
 
 Paged attention reads a sequence's keys and values by gathering its slots from the
-pool, at every layer of every step: a decode batch of 16 sequences of 128 tokens spent
-8 ms of a 77 ms step on those gathers (docs/benchmarks.md, session 13). From one decode
+pool, at every layer of every step: a decode batch of 16 sequences spent 6-9 ms of a
+step on those gathers (docs/benchmarks.md, session 10; the mirror's gain, 3-9% at 16
+streams, in session 14's section there). From one decode
 step to the next the batch's sequences are usually the same, and each one's keys and
 values only grew by the token it just fed. So the mirror keeps what the last step
 gathered, laid out as attention reads it, (kv_heads, B, m, d) per layer, and appends
