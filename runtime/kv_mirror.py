@@ -2,7 +2,7 @@
 
 Paged attention reads a sequence's keys and values by gathering its slots from the
 pool, at every layer of every step: a decode batch of 16 sequences spent 6-9 ms of a
-step on those gathers (docs/benchmarks.md, session 10; the mirror's gain, 3-9% at 16
+step on those gathers (docs/benchmarks.md, session 10; the mirror's gain, 3-10% at 16
 streams, in session 14's section there). From one decode
 step to the next the batch's sequences are usually the same, and each one's keys and
 values only grew by the token it just fed. So the mirror keeps what the last step
