@@ -3,12 +3,12 @@
 Paged attention reads a sequence's keys and values by gathering its slots from the
 pool, at every layer of every step: a decode batch of 16 sequences spent 6-9 ms of a
 step on those gathers (docs/benchmarks.md, session 10; the mirror's gain, 3-10% at 16
-streams, in session 14's section there). From one decode
-step to the next the batch's sequences are usually the same, and each one's keys and
-values only grew by the token it just fed. So the mirror keeps what the last step
-gathered, laid out as attention reads it, (kv_heads, B, m, d) per layer, and appends
-each sequence's new key and value in place. What attention reads is the same numbers
-in the same layout as a fresh gather would give.
+streams, in session 14's section there). From one decode step to the next the batch's
+sequences are usually the same, and each one's keys and values only grew by the token
+it just fed. So the mirror keeps what the last step gathered, laid out as attention
+reads it, (kv_heads, B, m, d) per layer, and appends each sequence's new key and value
+in place. What attention reads is the same numbers in the same layout as a fresh gather
+would give.
 
 When the batch changes (a sequence joins, leaves or was fed a prompt chunk since), the
 step gathers from the pool again, into the mirror. The pool stays the store of record:
